@@ -1,0 +1,1 @@
+"""Runnable examples that adapt public datasets to the mmfuse data contract."""

@@ -1,0 +1,1 @@
+"""Pure model code: encoders and their weights. Nothing in this package imports Beam."""

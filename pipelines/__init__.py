@@ -1,0 +1,1 @@
+"""Job definitions: each stage module reads like a sentence of transforms and runs as ``mmfuse <stage>``."""

@@ -1,0 +1,25 @@
+"""``mmfuse <stage> [options]``: the console script; each stage is also ``python -m pipelines.<stage>``."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = {
+    "ingest": "check the catalog and interactions against the data contract",
+    "encode": "ingest the catalog and write per-modality embeddings",
+    "nightly": "the whole job: ingest, encode, align, fuse, recommend",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in STAGES:
+        lines = "\n".join(f"  {name:10s} {what}" for name, what in STAGES.items())
+        print(f"usage: mmfuse <stage> [options]   (mmfuse <stage> --help for a stage's options)\n{lines}",
+              file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return importlib.import_module(f"pipelines.{argv[0]}").main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Ingest: read the catalog and the interactions, keep what meets the contract, dead-letter the rest.
+
+``mmfuse ingest`` runs only this, as a check of new input data: its run folder holds ``dead_letter`` and
+``metrics.json``.
+"""
+from __future__ import annotations
+
+import sys
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines import options as o
+from pipelines.job import Job, run_job
+from transforms.contract import check_catalog_schema, check_interactions_schema
+from transforms.parquet import ReadRows, plan
+from transforms.validate import ValidateCatalog, ValidateInteractions
+
+
+def read_catalog(job: Job, options: PipelineOptions):
+    """Valid catalog items, one per ``item_id``, as ``(item_id, item)``."""
+    spec = o.catalog_columns(options)
+    work, _ = plan(options.view_as(o.RunOptions).catalog, lambda f, cols: check_catalog_schema(f, cols, spec))
+    rows = job.pipeline | "ReadCatalog" >> ReadRows(work, spec.all)
+    items, dead = rows | "ValidateCatalog" >> ValidateCatalog(spec)
+    return job.stage(ValidateCatalog.STAGE, rows, items, dead)
+
+
+def read_interactions(job: Job, options: PipelineOptions, items):
+    """Valid interactions on catalog items, as dicts with ``timestamp`` in epoch seconds."""
+    run = options.view_as(o.RunOptions)
+    spec = o.interaction_columns(options)
+    work, _ = plan(run.interactions, lambda f, cols: check_interactions_schema(f, cols, spec))
+    rows = job.pipeline | "ReadInteractions" >> ReadRows(work, spec.all)
+    item_ids = items | "ItemIds" >> beam.Keys()
+    events, dead = rows | "ValidateInteractions" >> ValidateInteractions(spec, run.run_date, item_ids)
+    return job.stage(ValidateInteractions.STAGE, rows, events, dead)
+
+
+def build(job: Job, options: PipelineOptions) -> None:
+    items = read_catalog(job, options)
+    if options.view_as(o.RunOptions).interactions:
+        read_interactions(job, options, items)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("ingest", build, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""What every mmfuse job shares: counting stages, collecting dead letters, writing datasets, committing.
+
+A job module builds its transforms on a :class:`Job` and calls :func:`run_job`; the job then writes the
+dead letters and commits the dated run folder (``metrics.json`` and ``_SUCCESS`` last) inside the pipeline.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Callable
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+import runners
+from pipelines.options import RunOptions, help_text, require
+from transforms import deadletter
+from transforms.contract import ContractError
+from transforms.counting import count_stage
+from transforms.parquet import WriteDataset
+from transforms.runs import METRICS, CommitRun, RunFolder
+
+
+class Job:
+    def __init__(self, pipeline: beam.Pipeline, run: RunFolder):
+        self.pipeline, self.run = pipeline, run
+        self._counts, self._dead, self._written = [], [], []
+
+    def stage(self, name: str, into, out, dead=None, section: str = "stages"):
+        """Record a stage's counts (in = out + dead) and its dead letters; returns ``out``."""
+        if dead is None:
+            dead = self.pipeline | f"NoDead {name}" >> beam.Create([])
+        self._counts += count_stage(name, section, **{"in": into, "out": out, "dead": dead})
+        self._dead.append(dead)
+        return out
+
+    def count(self, section: str, name: str, **pcolls) -> None:
+        """Extra counts for the report that are not a stage, e.g. per-modality encoded/reused."""
+        self._counts += count_stage(name, section, **pcolls)
+
+    def write(self, dataset: str, pcoll, schema: pa.Schema) -> None:
+        self._written.append(pcoll | f"Write {dataset}" >> WriteDataset(self.run.dataset_prefix(dataset), schema))
+
+    def finish(self) -> None:
+        dead = self._dead | "AllDeadLetters" >> beam.Flatten(pipeline=self.pipeline)
+        self.write("dead_letter", dead, deadletter.SCHEMA)
+        _ = self.pipeline | "CommitRun" >> CommitRun(self.run, self._counts, self._written)
+
+
+def execute(build: Callable[[Job, PipelineOptions], None], argv: list[str] | None):
+    """Build and run a job to the end; returns the Beam result and the run folder. Raises ContractError."""
+    options = PipelineOptions(argv)
+    require(options, "catalog", "output")
+    opts = options.view_as(RunOptions)
+    run = RunFolder(opts.output, opts.run_date)
+    pipeline = runners.create_pipeline(options)
+    job = Job(pipeline, run)
+    build(job, options)
+    job.finish()
+    run.clear_stale_staging()
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result, run
+
+
+def run_job(name: str, build: Callable[[Job, PipelineOptions], None], argv: list[str] | None) -> int:
+    """The command line of a job: user errors become one line on stderr and exit code 2."""
+    logging.getLogger().setLevel(logging.WARNING)
+    if argv and {"-h", "--help"} & set(argv):
+        print(help_text(f"mmfuse {name}"))
+        return 0
+    try:
+        _, run = execute(build, argv)
+    except ContractError as e:
+        print(f"mmfuse {name}: error: {e}", file=sys.stderr)
+        return 2
+    if FileSystems.exists(f"{run.final}/{METRICS}"):
+        with FileSystems.open(f"{run.final}/{METRICS}") as f:
+            print(summary(name, run.final, json.load(f)))
+    return 0
+
+
+def summary(name: str, run_dir: str, report: dict) -> str:
+    stages = ", ".join(f"{s} {c['in']}->{c['out']} (+{c['dead']} dead)" for s, c in report["stages"].items())
+    return f"mmfuse {name}: wrote {run_dir}: {stages}"

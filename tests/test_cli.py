@@ -1,0 +1,46 @@
+"""The command line: stages run as `mmfuse <stage>` and `python -m pipelines.<stage>`; user errors are one line."""
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tests.conftest import DEMO_FLAGS, ROOT, metrics
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_not_parquet_stops_with_one_line(tmp_path):
+    bad = tmp_path / "catalog.parquet"
+    bad.write_text("item_id,title\na,b\n")
+    proc = _run(sys.executable, "-m", "pipelines.nightly", f"--catalog={bad}", f"--interactions={bad}",
+                f"--output={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"mmfuse nightly: error: {bad}: not a readable Parquet file "
+        + proc.stderr.split("not a readable Parquet file ", 1)[1].strip()]
+    assert not (tmp_path / "out").exists()
+
+
+def test_catalog_without_required_columns_stops_with_one_line(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": ["a"], "name": ["b"]}), path)
+    proc = _run(str(ROOT / ".venv" / "bin" / "mmfuse"), "ingest", f"--catalog={path}", f"--output={tmp_path}")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and f"{path}: catalog has no 'item_id' column" in proc.stderr
+
+
+def test_usage_lists_stages():
+    proc = _run(str(ROOT / ".venv" / "bin" / "mmfuse"))
+    assert proc.returncode == 2 and "nightly" in proc.stderr and "ingest" in proc.stderr
+
+
+def test_ingest_stage_as_console_script(demo, tmp_path):
+    proc = _run(str(ROOT / ".venv" / "bin" / "mmfuse"), "ingest", f"--catalog={demo['catalog']}",
+                f"--interactions={demo['interactions']}", f"--output={tmp_path}", *DEMO_FLAGS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / DEMO_FLAGS[1].split("=")[1]
+    assert f"wrote {run_dir}" in proc.stdout and (run_dir / "_SUCCESS").exists()
+    assert metrics(run_dir)["stages"]["catalog"] == {"in": 120, "out": 120, "dead": 0}
