@@ -1,19 +1,26 @@
 """Encode: one embedding per item and modality, written as the ``embeddings`` dataset.
 
 Media named by URI are fetched first (a missing file dead-letters that modality only). Each modality is a
-branch yielding ``(item_id, (modality, vector, hash))``; the branches merge into one row per item.
+branch yielding ``(item_id, (modality, vector, hash))``; vectors whose content hash is unchanged since the
+previous run are reused, the rest run through the modality's model; the branches merge into one row per item.
 """
 from __future__ import annotations
 
 import sys
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from models.registry import MODALITIES, factory
 from pipelines import ingest
 from pipelines import options as o
 from pipelines.job import Job, run_job
 from transforms import embed, media
+from transforms.contract import CatalogColumns, ContractError
+from transforms.deadletter import DEAD
+from transforms.parquet import ReadRows, plan
+from transforms.runs import is_complete, latest_complete
 
 
 def fetch_media(job: Job, options: PipelineOptions, items):
@@ -28,24 +35,78 @@ def fetch_media(job: Job, options: PipelineOptions, items):
     return items
 
 
-def encode(job: Job, options: PipelineOptions, items):
+def choose_modalities(options: PipelineOptions, spec: CatalogColumns, columns: set[str]) -> list[str]:
+    """The asked-for modalities, or every one the catalog has columns for."""
+    sources = {"text": bool(columns & set(spec.text)),
+               "image": bool(columns & {spec.image_bytes, spec.image_uri}),
+               "audio": bool(columns & {spec.audio_bytes, spec.audio_uri})}
+    available = [m for m, s in MODALITIES.items() if sources[s.source]] + [n for n, _ in spec.vectors]
+    asked = o.modalities(options)
+    unknown = [m for m in asked if m not in MODALITIES and m not in dict(spec.vectors)]
+    if unknown:
+        raise ContractError(f"--modalities: unknown {unknown}; known: {list(MODALITIES)} and declared "
+                            f"--vector_columns {[n for n, _ in spec.vectors]}")
+    return [m for m in available if m in asked] if asked else available
+
+
+def previous_run(options: PipelineOptions) -> str | None:
+    run, choice = options.view_as(o.RunOptions), options.view_as(o.EncodeOptions).previous
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return latest_complete(run.output, run.run_date)
+    if not is_complete(choice):
+        raise ContractError(f"--previous={choice}: not a complete run (no _SUCCESS)")
+    return choice.rstrip("/")
+
+
+def _raw(source: str, spec: CatalogColumns, template: str):
+    if source == "text":
+        return lambda item: embed.join_text(item["text"], spec.text, template)
+    return lambda item: item[source]
+
+
+def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
     """Embeddings rows for every item: one column per modality, null where the item lacks it."""
-    spec = o.catalog_columns(options)
+    spec, opts = o.catalog_columns(options), options.view_as(o.EncodeOptions)
+    chosen = choose_modalities(options, spec, columns)
+    batch = o.batch_sizes(options)
+    hints = {"accelerator": opts.encode_accelerator} if opts.encode_accelerator else {}
+    settings = {"text": {"max_length": opts.text_max_tokens}, "audio_mfcc": {"max_windows": opts.audio_max_windows},
+                "audio_musicnn": {"max_windows": opts.audio_max_windows}}
+    previous = previous_run(options)
+    job.report["previous"] = previous
+    before = None
+    if previous and FileSystems.exists(f"{previous}/embeddings"):
+        work, _ = plan(f"{previous}/embeddings", lambda f, c: None)
+        wanted = ["item_id"] + [c for m in chosen for c in (m, f"{m}_hash")]
+        before = job.pipeline | "ReadPrevious" >> ReadRows(work, wanted) | "Rows" >> beam.Values()
+
     items = fetch_media(job, options, items)
     branches = {"items": items}
-    for name, dim in spec.vectors:
-        has = items | f"Has {name}" >> beam.Filter(lambda e, n=name: n in e[1]["vectors"])
-        vectors, dead = has | f"Encode {name}" >> embed.PrecomputedVectors(name, dim)
-        branches[name] = job.stage(f"encode:{name}", has, vectors, dead)
-    modalities = [name for name, _ in spec.vectors]
-    rows = branches | "MergeEmbeddings" >> embed.MergeEmbeddings(modalities)
+    for m in chosen:
+        if m in MODALITIES:
+            make = factory(m, **settings.get(m, {}))
+            prev = before | f"Previous {m}" >> embed.PreviousVectors(m) if before is not None else None
+            out = items | f"Encode {m}" >> embed.EncodeModality(
+                m, _raw(MODALITIES[m].source, spec, opts.text_template), make, make().identifier,
+                batch.get(m, MODALITIES[m].batch_size), hints, prev)
+            vectors = (out["encoded"], out[embed.REUSED]) | f"Vectors {m}" >> beam.Flatten()
+            job.count("modalities", m, encoded=out["encoded"], reused=out[embed.REUSED], dead=out[DEAD])
+            branches[m] = job.stage(f"encode:{m}", out["in"], vectors, out[DEAD])
+        else:
+            has = items | f"Has {m}" >> beam.Filter(lambda e, n=m: n in e[1]["vectors"])
+            vectors, dead = has | f"Encode {m}" >> embed.PrecomputedVectors(m, dict(spec.vectors)[m])
+            job.count("modalities", m, encoded=vectors, dead=dead)
+            branches[m] = job.stage(f"encode:{m}", has, vectors, dead)
+    rows = branches | "MergeEmbeddings" >> embed.MergeEmbeddings(chosen)
     job.stage("encode", items, rows)
-    job.write("embeddings", rows, embed.schema(modalities))
+    job.write("embeddings", rows, embed.schema(chosen))
     return rows
 
 
 def build(job: Job, options: PipelineOptions) -> None:
-    encode(job, options, ingest.read_catalog(job, options))
+    encode(job, options, *ingest.read_catalog(job, options))
 
 
 def main(argv: list[str] | None = None) -> int:

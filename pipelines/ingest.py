@@ -18,12 +18,12 @@ from transforms.validate import ValidateCatalog, ValidateInteractions
 
 
 def read_catalog(job: Job, options: PipelineOptions):
-    """Valid catalog items, one per ``item_id``, as ``(item_id, item)``."""
+    """Valid catalog items, one per ``item_id``, as ``(item_id, item)``, and the columns the files have."""
     spec = o.catalog_columns(options)
-    work, _ = plan(options.view_as(o.RunOptions).catalog, lambda f, cols: check_catalog_schema(f, cols, spec))
+    work, columns = plan(options.view_as(o.RunOptions).catalog, lambda f, cols: check_catalog_schema(f, cols, spec))
     rows = job.pipeline | "ReadCatalog" >> ReadRows(work, spec.all)
     items, dead = rows | "ValidateCatalog" >> ValidateCatalog(spec)
-    return job.stage(ValidateCatalog.STAGE, rows, items, dead)
+    return job.stage(ValidateCatalog.STAGE, rows, items, dead), columns
 
 
 def read_interactions(job: Job, options: PipelineOptions, items):
@@ -38,7 +38,7 @@ def read_interactions(job: Job, options: PipelineOptions, items):
 
 
 def build(job: Job, options: PipelineOptions) -> None:
-    items = read_catalog(job, options)
+    items, _ = read_catalog(job, options)
     if options.view_as(o.RunOptions).interactions:
         read_interactions(job, options, items)
 

@@ -28,6 +28,7 @@ class Job:
     def __init__(self, pipeline: beam.Pipeline, run: RunFolder):
         self.pipeline, self.run = pipeline, run
         self._counts, self._dead, self._written = [], [], []
+        self.report: dict = {}  # extra keys for metrics.json, known when the job is built
 
     def stage(self, name: str, into, out, dead=None, section: str = "stages"):
         """Record a stage's counts (in = out + dead) and its dead letters; returns ``out``."""
@@ -47,7 +48,7 @@ class Job:
     def finish(self) -> None:
         dead = self._dead | "AllDeadLetters" >> beam.Flatten(pipeline=self.pipeline)
         self.write("dead_letter", dead, deadletter.SCHEMA)
-        _ = self.pipeline | "CommitRun" >> CommitRun(self.run, self._counts, self._written)
+        _ = self.pipeline | "CommitRun" >> CommitRun(self.run, self._counts, self._written, self.report)
 
 
 def execute(build: Callable[[Job, PipelineOptions], None], argv: list[str] | None):

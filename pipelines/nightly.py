@@ -15,9 +15,9 @@ from pipelines.options import require
 
 def build(job: Job, options: PipelineOptions) -> None:
     require(options, "interactions")
-    items = ingest.read_catalog(job, options)
+    items, columns = ingest.read_catalog(job, options)
     ingest.read_interactions(job, options, items)
-    encode.encode(job, options, items)
+    encode.encode(job, options, items, columns)
 
 
 def main(argv: list[str] | None = None) -> int:

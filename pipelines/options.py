@@ -12,14 +12,18 @@ def _names(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def _vectors(value: str) -> tuple[tuple[str, int], ...]:
-    out = []
+def _pairs(value: str, option: str) -> dict[str, int]:
+    out = {}
     for part in _names(value):
-        name, _, dim = part.partition(":")
-        if not dim.isdigit() or int(dim) < 1:
-            raise ContractError(f"--vector_columns: declare each column as NAME:DIM, got {part!r}")
-        out.append((name, int(dim)))
-    return tuple(out)
+        name, _, number = part.partition(":")
+        if not number.isdigit() or int(number) < 1:
+            raise ContractError(f"{option}: expected NAME:POSITIVE_INTEGER items, got {part!r}")
+        out[name] = int(number)
+    return out
+
+
+def _vectors(value: str) -> tuple[tuple[str, int], ...]:
+    return tuple(_pairs(value, "--vector_columns (declare each column as NAME:DIM)").items())
 
 
 class RunOptions(PipelineOptions):
@@ -93,7 +97,32 @@ def interaction_columns(options: PipelineOptions) -> InteractionColumns:
                               timestamp=o.timestamp_column, event=o.event_column, weight=o.weight_column)
 
 
-OPTION_GROUPS = (RunOptions, CatalogOptions, InteractionOptions)
+class EncodeOptions(PipelineOptions):
+    """Which modalities to encode, how, and what to reuse from the last run."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--modalities", default="",
+                            help="Comma-separated modalities to encode among text, image, audio_mfcc, audio_musicnn "
+                                 "and the declared vector columns (default: every one the catalog has columns for)")
+        parser.add_argument("--previous", default="auto",
+                            help="Run folder whose embeddings are reused where an item's content hash is unchanged: "
+                                 "a path, 'auto' (the newest complete run under --output before --run_date) or 'none'")
+        parser.add_argument("--batch_sizes", default="",
+                            help="Inference batch sizes per modality, e.g. text:64,image:32 (defaults per model)")
+        parser.add_argument("--text_template", default="",
+                            help="Python format string over the text columns, e.g. '{title}. {description}'; "
+                                 "default: the non-empty text columns joined with ' | ' (lists joined with ', ')")
+        parser.add_argument("--text_max_tokens", type=int, default=256,
+                            help="Texts are truncated to this many tokens (MiniLM was trained with 256)")
+        parser.add_argument("--audio_max_windows", type=int, default=10,
+                            help="Longer audio is cut to this many evenly spaced 3 s windows")
+        parser.add_argument("--encode_accelerator", default="",
+                            help="Beam resource hint for the model steps only, e.g. "
+                                 "'type:nvidia-l4;count:1;install-nvidia-driver'")
+
+
+OPTION_GROUPS = (RunOptions, CatalogOptions, InteractionOptions, EncodeOptions)
 
 
 def help_text(prog: str) -> str:
@@ -111,3 +140,11 @@ def require(options: PipelineOptions, *names: str) -> None:
     missing = [f"--{n}" for n in names if not getattr(run, n)]
     if missing:
         raise ContractError(f"missing required option(s): {' '.join(missing)}")
+
+
+def batch_sizes(options: PipelineOptions) -> dict[str, int]:
+    return _pairs(options.view_as(EncodeOptions).batch_sizes, "--batch_sizes")
+
+
+def modalities(options: PipelineOptions) -> tuple[str, ...]:
+    return _names(options.view_as(EncodeOptions).modalities)

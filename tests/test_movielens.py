@@ -1,23 +1,62 @@
-"""MovieLens-small converted to the contract and run through the nightly job: nothing valid is lost."""
+"""MovieLens-small through the nightly job: nothing valid is lost, every text and poster is encoded, and the
+next nights re-encode only what changed."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image, ImageOps
 
 from examples import movielens
 from pipelines import nightly
-from tests.conftest import RUN_DATE, dataset, metrics, shared
+from tests.conftest import dataset, metrics, shared
 
 pytestmark = pytest.mark.slow
 
 
-def test_movielens_runs_whole(tmp_path):
+def _night(paths, out, date, catalog=None):
+    assert nightly.main([f"--catalog={catalog or paths['catalog']}", f"--interactions={paths['interactions']}",
+                         f"--output={out}", f"--run_date={date}"]) == 0
+    return out / date
+
+
+def test_movielens_nights(tmp_path):
     paths = movielens.convert(shared("movielens"), tmp_path / "ml")
-    assert nightly.main([f"--catalog={paths['catalog']}", f"--interactions={paths['interactions']}",
-                         f"--output={tmp_path / 'out'}", f"--run_date={RUN_DATE}"]) == 0
-    run_dir = tmp_path / "out" / RUN_DATE
-    stages = metrics(run_dir)["stages"]
+    out = tmp_path / "out"
+    first = _night(paths, out, "2026-11-25")
+    report = metrics(first)
+    stages = report["stages"]
     assert stages["catalog"] == {"in": 9742, "out": 9742, "dead": 0}
     assert stages["media:image"] == {"in": 2947, "out": 2947, "dead": 0}
     # ratings.csv holds 100,836 ratings plus one orphan row for a movieId that movies.csv lacks.
     assert stages["interactions"] == {"in": 100837, "out": 100836, "dead": 1}
-    [orphan] = dataset(run_dir, "dead_letter").to_pylist()
+    [orphan] = dataset(first, "dead_letter").to_pylist()
     assert orphan["error"] == "unknown_item" and "'999999' is not in the catalog" in orphan["message"]
-    assert len(dataset(run_dir, "embeddings")) == 9742
+    assert report["modalities"]["text"] == {"encoded": 9742, "reused": 0, "dead": 0}
+    assert report["modalities"]["image"] == {"encoded": 2947, "reused": 0, "dead": 0}
+    embeddings = dataset(first, "embeddings")
+    assert len(embeddings) == 9742 and embeddings.column("image").null_count == 9742 - 2947
+
+    second = metrics(_night(paths, out, "2026-11-26"))
+    assert second["modalities"]["text"] == {"encoded": 0, "reused": 9742, "dead": 0}
+    assert second["modalities"]["image"] == {"encoded": 0, "reused": 2947, "dead": 0}
+
+    catalog = pq.read_table(paths["catalog"]).to_pylist()
+    retitled = [r["item_id"] for r in catalog[100:110]]
+    reposted = [r["item_id"] for r in catalog if r["image_uri"]][:5]
+    for r in catalog:
+        if r["item_id"] in retitled:
+            r["title"] = r["title"] + " [Director's Cut]"
+        if r["item_id"] in reposted:
+            mirrored = tmp_path / "posters" / f"{r['item_id']}.jpg"
+            mirrored.parent.mkdir(exist_ok=True)
+            ImageOps.mirror(Image.open(r["image_uri"])).save(mirrored, quality=90)
+            r["image_uri"] = str(mirrored)
+    edited = tmp_path / "edited.parquet"
+    pq.write_table(pa.Table.from_pylist(catalog, schema=pq.read_schema(paths["catalog"])), edited)
+    third_dir = _night(paths, out, "2026-11-27", catalog=edited)
+    third = metrics(third_dir)
+    assert third["modalities"]["text"] == {"encoded": 10, "reused": 9732, "dead": 0}
+    assert third["modalities"]["image"] == {"encoded": 5, "reused": 2942, "dead": 0}
+    before = {r["item_id"]: r["text_hash"] for r in embeddings.select(["item_id", "text_hash"]).to_pylist()}
+    after = {r["item_id"]: r["text_hash"] for r in dataset(third_dir, "embeddings").to_pylist()}
+    assert {i for i in after if after[i] != before[i]} == set(retitled)

@@ -14,6 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 from transforms.deadletter import DEAD, dead_letter
+from transforms.inference import Encode
+
+REUSED = "reused"
 
 
 def content_hash(identifier: str, payload: bytes) -> str:
@@ -49,6 +52,75 @@ class PrecomputedVectors(beam.PTransform):
             yield item_id, (name, vector.tolist(), content_hash(identifier, vector.tobytes()))
 
         return items | "Check" >> beam.FlatMap(check).with_outputs(DEAD, main="ok")
+
+
+def join_text(text: dict, columns: tuple[str, ...], template: str = "") -> str | None:
+    """The text a text model sees: a template over the columns, or the non-empty columns joined with " | "."""
+    values = {c: ", ".join(v) if isinstance(v, list) else v for c, v in text.items()}
+    if not values:
+        return None
+    if template:
+        return template.format_map({c: values.get(c, "") for c in columns})
+    return " | ".join(values[c] for c in columns if c in values)
+
+
+class EncodeModality(beam.PTransform):
+    """Keyed items -> ``{"in", "encoded", "reused", dead}`` PCollections for one content modality.
+
+    ``raw(item)`` gives the bytes or text the model reads (None: the item lacks this modality). Its hash
+    with the model identifier is compared with the previous run's: equal means yesterday's vector is
+    reused without decoding or running the model; otherwise the item is preprocessed and encoded.
+    Vector branches are ``(item_id, (modality, vector, hash))``.
+    """
+
+    def __init__(self, modality: str, raw, make, identifier: str, batch_size: int, resource_hints: dict,
+                 previous=None):
+        super().__init__()
+        self._modality, self._raw, self._make, self._identifier = modality, raw, make, identifier
+        self._batch_size, self._hints, self._previous = batch_size, resource_hints, previous
+
+    def expand(self, items):
+        modality, raw_of, identifier = self._modality, self._raw, self._identifier
+
+        def with_hash(element):
+            item_id, item = element
+            raw = raw_of(item)
+            if raw is not None:
+                payload = raw.encode() if isinstance(raw, str) else raw
+                yield item_id, (raw, item["source"], content_hash(identifier, payload))
+
+        def reuse_or_encode(element):
+            item_id, grouped = element
+            before = dict((h, v) for v, h in grouped["before"])
+            for raw, source, digest in grouped["now"]:
+                if digest in before:
+                    yield beam.pvalue.TaggedOutput(REUSED, (item_id, (modality, before[digest], digest)))
+                else:
+                    yield (item_id, digest), (raw, source)
+
+        present = items | "Raw" >> beam.FlatMap(with_hash)
+        before = self._previous if self._previous is not None else items.pipeline | "NoPrevious" >> beam.Create([])
+        split = ({"now": present, "before": before}
+                 | "JoinPrevious" >> beam.CoGroupByKey()
+                 | "ReuseOrEncode" >> beam.FlatMap(reuse_or_encode).with_outputs(REUSED, main="todo"))
+        vectors, dead = split.todo | "Encode" >> Encode(
+            self._make, f"encode:{modality}", self._batch_size, self._hints)
+        encoded = vectors | "Branch" >> beam.Map(
+            lambda kv: (kv[0][0], (modality, np.asarray(kv[1], np.float32).tolist(), kv[0][1])))
+        return {"in": present, "encoded": encoded, REUSED: split[REUSED], DEAD: dead}
+
+
+class PreviousVectors(beam.PTransform):
+    """Rows of a previous ``embeddings`` dataset -> ``(item_id, (vector, hash))`` for one modality."""
+
+    def __init__(self, modality: str):
+        super().__init__()
+        self._modality = modality
+
+    def expand(self, rows):
+        m = self._modality
+        return rows | beam.FlatMap(
+            lambda row: [(row["item_id"], (row[m], row[f"{m}_hash"]))] if row.get(f"{m}_hash") else [])
 
 
 def schema(modalities: list[str]) -> pa.Schema:

