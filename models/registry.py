@@ -48,6 +48,13 @@ MODALITIES = {
 }
 
 
-def factory(modality: str, **kwargs) -> Callable[[], Encoder]:
-    """A picklable no-argument factory for one modality's encoder."""
+def _custom(modality: str, path: str, **kw) -> Encoder:
+    from models.custom import CustomEncoder
+    return CustomEncoder(modality, MODALITIES[modality].source, path, **kw)
+
+
+def factory(modality: str, custom_path: str | None = None, **kwargs) -> Callable[[], Encoder]:
+    """A picklable no-argument factory for one modality's encoder, or for the user's model at ``custom_path``."""
+    if custom_path:
+        return functools.partial(_custom, modality, custom_path, **kwargs)
     return functools.partial(MODALITIES[modality].make, **kwargs)

@@ -60,6 +60,20 @@ def previous_run(options: PipelineOptions) -> str | None:
     return choice.rstrip("/")
 
 
+def encoder_factory(options: PipelineOptions, modality: str):
+    """The modality's default encoder, or the user's own model named by ``--custom_encoders``, with its settings."""
+    opts, custom = options.view_as(o.EncodeOptions), o.custom_encoders(options)
+    unknown = set(custom) - set(MODALITIES)
+    if unknown:
+        raise ContractError(f"--custom_encoders: unknown modalities {sorted(unknown)}; known: {list(MODALITIES)}")
+    windows = {"max_windows": opts.audio_max_windows}
+    if modality in custom:
+        settings = {"image": {"image_size": opts.custom_image_size}, "audio_mfcc": windows, "audio_musicnn": windows}
+    else:
+        settings = {"text": {"max_length": opts.text_max_tokens}, "audio_mfcc": windows, "audio_musicnn": windows}
+    return factory(modality, custom.get(modality), **settings.get(modality, {}))
+
+
 def _raw(source: str, spec: CatalogColumns, template: str):
     if source == "text":
         return lambda item: embed.join_text(item["text"], spec.text, template)
@@ -72,8 +86,6 @@ def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
     chosen = choose_modalities(options, spec, columns)
     batch = o.batch_sizes(options)
     hints = {"accelerator": opts.encode_accelerator} if opts.encode_accelerator else {}
-    settings = {"text": {"max_length": opts.text_max_tokens}, "audio_mfcc": {"max_windows": opts.audio_max_windows},
-                "audio_musicnn": {"max_windows": opts.audio_max_windows}}
     previous = previous_run(options)
     job.report["previous"] = previous
     before = None
@@ -86,7 +98,7 @@ def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
     branches = {"items": items}
     for m in chosen:
         if m in MODALITIES:
-            make = factory(m, **settings.get(m, {}))
+            make = encoder_factory(options, m)
             prev = before | f"Previous {m}" >> embed.PreviousVectors(m) if before is not None else None
             out = items | f"Encode {m}" >> embed.EncodeModality(
                 m, _raw(MODALITIES[m].source, spec, opts.text_template), make, make().identifier,

@@ -117,6 +117,11 @@ class EncodeOptions(PipelineOptions):
                             help="Texts are truncated to this many tokens (MiniLM was trained with 256)")
         parser.add_argument("--audio_max_windows", type=int, default=10,
                             help="Longer audio is cut to this many evenly spaced 3 s windows")
+        parser.add_argument("--custom_encoders", default="",
+                            help="Your own models instead of the defaults, as MODALITY=PATH,...: a .keras file or a "
+                                 "TF SavedModel folder, local or gs:// (input contract: models/custom.py)")
+        parser.add_argument("--custom_image_size", type=int, default=224,
+                            help="Side of the square image a custom image model receives")
         parser.add_argument("--encode_accelerator", default="",
                             help="Beam resource hint for the model steps only, e.g. "
                                  "'type:nvidia-l4;count:1;install-nvidia-driver'")
@@ -148,3 +153,13 @@ def batch_sizes(options: PipelineOptions) -> dict[str, int]:
 
 def modalities(options: PipelineOptions) -> tuple[str, ...]:
     return _names(options.view_as(EncodeOptions).modalities)
+
+
+def custom_encoders(options: PipelineOptions) -> dict[str, str]:
+    out = {}
+    for part in _names(options.view_as(EncodeOptions).custom_encoders):
+        modality, sep, path = part.partition("=")
+        if not sep or not path:
+            raise ContractError(f"--custom_encoders: expected MODALITY=PATH items, got {part!r}")
+        out[modality] = path
+    return out

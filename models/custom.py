@@ -1,0 +1,93 @@
+"""A user's own model for a modality: a Keras ``.keras`` file or a TensorFlow SavedModel, local or ``gs://``.
+
+Input contract (what the model receives, batched):
+- ``text``: a 1-D string tensor, one text per item (joined as for the default text model).
+- ``image``: float32 (N, S, S, 3) RGB values in 0..255, the image decoded as for the default model, its
+  short side resized to S and centre-cropped (S = ``image_size``, default 224). The model normalises.
+- ``audio_*``: float32 (N, 48000): 3 s windows of mono 16 kHz audio (long clips: evenly spaced windows,
+  short ones zero-padded); the item's vector is the mean over its windows.
+It must return one float vector per input, (N, D). A SavedModel is called through its ``serving_default``
+signature, which must have exactly one input and one output.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import posixpath
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+
+from models.audio import decode_audio
+from models.base import Encoder, InputError
+from models.image import decode_image, resize_crop
+
+WINDOW = 48000  # 3 s at 16 kHz
+
+
+def _tf():
+    import tensorflow as tf
+    return tf
+
+
+def _files(path: str) -> list[str]:
+    gfile = _tf().io.gfile
+    if not gfile.isdir(path):
+        return [path]
+    return sorted(posixpath.join(root, f) for root, _, files in gfile.walk(path) for f in files)
+
+
+class CustomEncoder(Encoder):
+    def __init__(self, modality: str, source: str, path: str, image_size: int = 224, max_windows: int = 10):
+        if source not in ("text", "image", "audio"):
+            raise ValueError(f"custom encoders read text, image or audio, not {source!r}")
+        self.modality, self.source, self.path = modality, source, path.rstrip("/")
+        self.image_size, self.max_windows = image_size, max_windows
+        self.dim = 0  # known once the model has run
+
+    @functools.cached_property
+    def identifier(self) -> str:
+        h = hashlib.sha256()
+        for file in _files(self.path):
+            h.update(_tf().io.gfile.GFile(file, "rb").read())
+        return f"custom:{posixpath.basename(self.path)}@{h.hexdigest()[:12]}"
+
+    @functools.cached_property
+    def _call(self):
+        """Loaded on first use; ``.keras`` files are copied locally first (Keras reads only local files)."""
+        tf = _tf()
+        if self.path.endswith(".keras"):
+            import keras
+            local = posixpath.join(tempfile.mkdtemp(), posixpath.basename(self.path))
+            tf.io.gfile.copy(self.path, local)
+            model = keras.saving.load_model(local, compile=False)
+            return lambda x: model.predict_on_batch(x)
+        signature = tf.saved_model.load(self.path).signatures["serving_default"]
+        [(name, spec)] = signature.structured_input_signature[1].items()
+        return lambda x: next(iter(signature(**{name: tf.constant(x, dtype=spec.dtype)}).values())).numpy()
+
+    def preprocess(self, value: Any) -> Any:
+        if self.source == "text":
+            if not isinstance(value, str) or not value.strip():
+                raise InputError("empty_text", "text is empty or not a string")
+            return value
+        if self.source == "image":
+            return resize_crop(decode_image(value), self.image_size, self.image_size).astype(np.float32)
+        y = decode_audio(value, 16000, self.max_windows, 3.0)  # at least one window long
+        n = len(y) // WINDOW
+        return y[: n * WINDOW].reshape(n, WINDOW)
+
+    def encode_batch(self, inputs: Sequence[Any]) -> np.ndarray:
+        if not len(inputs):
+            return np.empty((0, self.dim), np.float32)
+        if self.source == "text":
+            out = self._call(np.asarray(list(inputs), dtype=object))
+        elif self.source == "image":
+            out = self._call(np.stack(inputs))
+        else:
+            ends = np.cumsum([len(w) for w in inputs])[:-1]
+            out = np.stack([v.mean(axis=0) for v in np.split(np.asarray(self._call(np.concatenate(inputs))), ends)])
+        out = np.asarray(out, np.float32)
+        self.dim = out.shape[-1]
+        return out
