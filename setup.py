@@ -30,6 +30,7 @@ REQUIRES = [
     "gcsfs==2026.10.1",
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
+    "scipy==1.17.1",
 ]
 
 
@@ -64,7 +65,7 @@ setuptools.setup(
     install_requires=REQUIRES,
     extras_require={
         "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "gcp-storage-emulator==2026.7.19",
-                 "scikit-learn==1.9.1"],
+                 "scikit-learn==1.9.1", "implicit==0.7.3"],
     },
     entry_points={"console_scripts": ["mmfuse=pipelines.cli:main"]},
     cmdclass={"install_weights": InstallWeights, "build": BuildWithWeights},

@@ -102,7 +102,7 @@ def bare(modality: str, work: Path) -> dict:
     """
     from models.registry import MODALITIES, factory
 
-    raws = raw_inputs(work / "full" / "catalog.parquet", MODALITIES[modality].source)
+    raws = raw_inputs(work / "pipeline" / "catalog.parquet", MODALITIES[modality].source)
     encoder, size = factory(modality)(), BATCH[modality]
     warm = [encoder.preprocess(r) for r in raws[:size + size // 2]]
     encoder.encode_batch(warm[:size])
@@ -160,23 +160,26 @@ def measure(modalities: list[str], sizes: dict[str, int], repeats: int, work: Pa
     samples = {m: {"bare": [], "tiny": [], "pipeline": [], "peer": []} for m in modalities}
     for m in modalities:
         chosen = spread(rows["audio" if m.startswith("audio") else m], sizes[m])
-        write_catalog(chosen, work / m / "full" / "catalog.parquet")
+        write_catalog(chosen, work / m / "pipeline" / "catalog.parquet")
         write_catalog(chosen[:TINY], work / m / "tiny" / "catalog.parquet")
     peers = PEER_PYTHON.exists()
     for rep in range(repeats):
-        for m in modalities:
+        for m in modalities:  # ours then its peer, back to back, so both see about the same load
             # librosa's many small matmuls are 3-6x slower when OpenBLAS threads fight over 2 cores
             env = {**base, "OPENBLAS_NUM_THREADS": "1"} if m.startswith("audio") else base
+            load = os.getloadavg()[0]
             out, _, rss = run([sys.executable, "-m", "bench.encoders", "--bare", m, str(work / m)], env)
-            samples[m]["bare"].append({**json.loads(out.splitlines()[-1]), "peak_mib": rss})
-            for kind in ("tiny", "full"):
-                wall, rss = pipeline(m, work / m / kind / "catalog.parquet", work / m / "out", env)
-                samples[m]["tiny" if kind == "tiny" else "pipeline"].append({"wall_s": wall, "peak_mib": rss})
+            samples[m]["bare"].append({**json.loads(out.splitlines()[-1]), "peak_mib": rss, "load": load})
             if m in PEERS and peers:
                 inputs = work / m / ("texts.json" if m == "text" else "images.npy")
+                load = os.getloadavg()[0]
                 out, _, rss = run([str(PEER_PYTHON), "-m", "bench.peers", m, f"--inputs={inputs}",
                                    f"--reference={work / m / 'ours.npy'}", f"--batch={BATCH[m]}"], env)
-                samples[m]["peer"].append({**json.loads(out.splitlines()[-1]), "peak_mib": rss})
+                samples[m]["peer"].append({**json.loads(out.splitlines()[-1]), "peak_mib": rss, "load": load})
+            for kind in ("tiny", "pipeline"):
+                load = os.getloadavg()[0]
+                wall, rss = pipeline(m, work / m / kind / "catalog.parquet", work / m / "out", env)
+                samples[m][kind].append({"wall_s": wall, "peak_mib": rss, "load": load})
             print(f"repeat {rep + 1}/{repeats}: {m} done", file=sys.stderr, flush=True)
     return {"source": source, "samples": samples}
 
@@ -226,7 +229,9 @@ def markdown(report: dict) -> str:
         "# Encoder throughput", "",
         f"Written by `make bench` (`python -m bench.encoders`) on {env['date']}: {env['cpu']}, {env['cores']} cores "
         f"(shared), best of {env['repeats']} interleaved repeats. TensorFlow {env['tensorflow']}, Keras "
-        f"{env['keras']}, Beam {env['beam']}.", "",
+        f"{env['keras']}, Beam {env['beam']}. The 1-minute load average at the start of each measurement ranged "
+        f"{env['load'][0]:.1f}-{env['load'][1]:.1f}: other work shared the cores, so single samples vary a lot "
+        "(all of them are in encoders.json).", "",
         f"Data: {env['source']}.", "",
         f"Threads: TensorFlow at its defaults (intra- and inter-op pools sized to the {env['cores']} cores); "
         f"{env['torch']} (its defaults); no thread variable set for either, except `OPENBLAS_NUM_THREADS=1` "
@@ -289,13 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mmfuse-bench-") as work:
         measured = measure(modalities, QUICK_ITEMS if args.quick else ITEMS, repeats, Path(work))
     results = {m: summarise(m, s) for m, s in measured["samples"].items()}
+    loads = [x["load"] for s in measured["samples"].values() for kind in s.values() for x in kind]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     report = {"environment": {
         "date": dt.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(), "repeats": repeats,
         "tensorflow": version("tensorflow"), "keras": version("keras"), "beam": version("apache-beam"),
         "torch": next((r["torch"] for r in results.values() if "torch" in r), "torch not run"),
-        "source": measured["source"]}, "results": results, "samples": measured["samples"]}
+        "source": measured["source"], "load": [min(loads), max(loads)]},
+        "results": results, "samples": measured["samples"]}
     text = markdown(report)
     print(text)
     if not args.quick:

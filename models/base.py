@@ -26,6 +26,9 @@ class Encoder(abc.ABC):
 
     modality: str  # column name in the embeddings dataset, e.g. "text"
     dim: int  # length of every vector encode_batch returns
+    # For inputs padded per batch (token ids): batching inputs whose len() // length_bucket agree wastes
+    # little padding. 0: the cost does not depend on length.
+    length_bucket: int = 0
 
     @property
     @abc.abstractmethod

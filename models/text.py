@@ -112,6 +112,7 @@ class MiniLMTextEncoder(Encoder):
 
     modality = "text"
     dim = HIDDEN
+    length_bucket = PAD_MULTIPLE
 
     def __init__(self, max_length: int = 256):
         """``max_length`` counts tokens including [CLS]/[SEP]; longer texts are truncated, as sentence-transformers

@@ -23,9 +23,10 @@ from transforms.parquet import ReadRows, plan
 from transforms.runs import is_complete, latest_complete
 
 
-def fetch_media(job: Job, options: PipelineOptions, items):
+def fetch_media(job: Job, options: PipelineOptions, items, kinds: list[str]):
+    """Read the media of these kinds that items name by URI; a missing file dead-letters that medium only."""
     limit = options.view_as(o.RunOptions).max_media_bytes
-    for kind in ("image", "audio"):
+    for kind in kinds:
         fetched, dead = items | f"Fetch {kind}" >> media.FetchMedia(kind, limit)
         job.stage(f"media:{kind}",
                   items | f"With {kind} before" >> beam.Filter(media.has(kind)),
@@ -94,14 +95,14 @@ def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
         wanted = ["item_id"] + [c for m in chosen for c in (m, f"{m}_hash")]
         before = job.pipeline | "ReadPrevious" >> ReadRows(work, wanted) | "Rows" >> beam.Values()
 
-    items = fetch_media(job, options, items)
+    needed = sorted({MODALITIES[m].source for m in chosen if m in MODALITIES} & {"image", "audio"})
+    items = fetch_media(job, options, items, needed)
     branches = {"items": items}
     for m in chosen:
         if m in MODALITIES:
-            make = encoder_factory(options, m)
             prev = before | f"Previous {m}" >> embed.PreviousVectors(m) if before is not None else None
             out = items | f"Encode {m}" >> embed.EncodeModality(
-                m, _raw(MODALITIES[m].source, spec, opts.text_template), make, make().identifier,
+                m, _raw(MODALITIES[m].source, spec, opts.text_template), encoder_factory(options, m),
                 batch.get(m, MODALITIES[m].batch_size), hints, prev)
             vectors = (out["encoded"], out[embed.REUSED]) | f"Vectors {m}" >> beam.Flatten()
             job.count("modalities", m, encoded=out["encoded"], reused=out[embed.REUSED], dead=out[DEAD])

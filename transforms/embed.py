@@ -73,14 +73,14 @@ class EncodeModality(beam.PTransform):
     Vector branches are ``(item_id, (modality, vector, hash))``.
     """
 
-    def __init__(self, modality: str, raw, make, identifier: str, batch_size: int, resource_hints: dict,
-                 previous=None):
+    def __init__(self, modality: str, raw, make, batch_size: int, resource_hints: dict, previous=None):
         super().__init__()
-        self._modality, self._raw, self._make, self._identifier = modality, raw, make, identifier
+        self._modality, self._raw, self._make = modality, raw, make
         self._batch_size, self._hints, self._previous = batch_size, resource_hints, previous
 
     def expand(self, items):
-        modality, raw_of, identifier = self._modality, self._raw, self._identifier
+        encoder = self._make()  # cheap: networks are built on first use
+        modality, raw_of, identifier = self._modality, self._raw, encoder.identifier
 
         def with_hash(element):
             item_id, item = element
@@ -104,7 +104,7 @@ class EncodeModality(beam.PTransform):
                  | "JoinPrevious" >> beam.CoGroupByKey()
                  | "ReuseOrEncode" >> beam.FlatMap(reuse_or_encode).with_outputs(REUSED, main="todo"))
         vectors, dead = split.todo | "Encode" >> Encode(
-            self._make, f"encode:{modality}", self._batch_size, self._hints)
+            self._make, f"encode:{modality}", self._batch_size, self._hints, encoder.length_bucket)
         encoded = vectors | "Branch" >> beam.Map(
             lambda kv: (kv[0][0], (modality, np.asarray(kv[1], np.float32).tolist(), kv[0][1])))
         return {"in": present, "encoded": encoded, REUSED: split[REUSED], DEAD: dead}

@@ -65,17 +65,27 @@ class Encode(beam.PTransform):
     """``((item_id, hash), (raw, source))`` -> ``((item_id, hash), vector)``, plus dead letters.
 
     ``resource_hints`` (e.g. an accelerator) go on the inference step only, so a runner can put just
-    that step on GPU workers.
+    that step on GPU workers. Inputs of encoders with a ``length_bucket`` are grouped by length first, so
+    that batches hold inputs of similar length and little padding.
     """
 
-    def __init__(self, make: Callable[[], Encoder], stage: str, batch_size: int, resource_hints: dict):
+    def __init__(self, make: Callable[[], Encoder], stage: str, batch_size: int, resource_hints: dict,
+                 length_bucket: int = 0):
         super().__init__()
         self._make, self._stage, self._batch_size, self._hints = make, stage, batch_size, resource_hints
+        self._length_bucket = length_bucket
 
     def expand(self, pcoll):
         inputs = pcoll | "Preprocess" >> beam.ParDo(Preprocess(self._make, self._stage)).with_outputs(DEAD, main="ok")
+        ready = inputs.ok
+        if self._length_bucket:
+            width = self._length_bucket
+            ready = (ready
+                     | "ByLength" >> beam.Map(lambda kv: (len(kv[1]) // width, kv))
+                     | "GroupByLength" >> beam.GroupByKey()
+                     | "Ungroup" >> beam.FlatMap(lambda kv: kv[1]))
         inference = RunInference(EncoderHandler(self._make, self._batch_size))
         if self._hints:
             inference = inference.with_resource_hints(**self._hints)
-        vectors = inputs.ok | "Infer" >> inference
+        vectors = ready | "Infer" >> inference
         return vectors, inputs[DEAD]
