@@ -6,6 +6,7 @@ previous run are reused, the rest run through the modality's model; the branches
 """
 from __future__ import annotations
 
+import string
 import sys
 
 import apache_beam as beam
@@ -64,9 +65,6 @@ def previous_run(options: PipelineOptions) -> str | None:
 def encoder_factory(options: PipelineOptions, modality: str):
     """The modality's default encoder, or the user's own model named by ``--custom_encoders``, with its settings."""
     opts, custom = options.view_as(o.EncodeOptions), o.custom_encoders(options)
-    unknown = set(custom) - set(MODALITIES)
-    if unknown:
-        raise ContractError(f"--custom_encoders: unknown modalities {sorted(unknown)}; known: {list(MODALITIES)}")
     windows = {"max_windows": opts.audio_max_windows}
     if modality in custom:
         settings = {"image": {"image_size": opts.custom_image_size}, "audio_mfcc": windows, "audio_musicnn": windows}
@@ -77,6 +75,10 @@ def encoder_factory(options: PipelineOptions, modality: str):
 
 def _raw(source: str, spec: CatalogColumns, template: str):
     if source == "text":
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        if fields - set(spec.text):
+            raise ContractError(f"--text_template names {sorted(fields - set(spec.text))}, which are not among "
+                                f"the --text_columns {list(spec.text)}")
         return lambda item: embed.join_text(item["text"], spec.text, template)
     return lambda item: item[source]
 
@@ -85,6 +87,9 @@ def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
     """Embeddings rows for every item: one column per modality, null where the item lacks it."""
     spec, opts = o.catalog_columns(options), options.view_as(o.EncodeOptions)
     chosen = choose_modalities(options, spec, columns)
+    unknown = set(o.custom_encoders(options)) - set(MODALITIES)
+    if unknown:
+        raise ContractError(f"--custom_encoders: unknown modalities {sorted(unknown)}; known: {list(MODALITIES)}")
     batch = o.batch_sizes(options)
     hints = {"accelerator": opts.encode_accelerator} if opts.encode_accelerator else {}
     previous = previous_run(options)

@@ -44,3 +44,12 @@ def test_ingest_stage_as_console_script(demo, tmp_path):
     run_dir = tmp_path / DEMO_FLAGS[1].split("=")[1]
     assert f"wrote {run_dir}" in proc.stdout and (run_dir / "_SUCCESS").exists()
     assert metrics(run_dir)["stages"]["catalog"] == {"in": 120, "out": 120, "dead": 0}
+
+
+def test_bad_text_template_stops_with_one_line(demo, tmp_path):
+    proc = _run(sys.executable, "-m", "pipelines.encode", f"--catalog={demo['catalog']}", f"--output={tmp_path}",
+                "--text_template={title} / {plot}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "mmfuse encode: error: --text_template names ['plot'], which are not among the --text_columns "
+        "['title', 'description', 'tags']"]
