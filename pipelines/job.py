@@ -70,7 +70,8 @@ def execute(build: Callable[[Job, PipelineOptions], None], argv: list[str] | Non
 def run_job(name: str, build: Callable[[Job, PipelineOptions], None], argv: list[str] | None) -> int:
     """The command line of a job: user errors become one line on stderr and exit code 2."""
     logging.getLogger().setLevel(logging.WARNING)
-    if argv and {"-h", "--help"} & set(argv):
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
         print(help_text(f"mmfuse {name}"))
         return 0
     try:

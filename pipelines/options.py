@@ -127,15 +127,16 @@ class EncodeOptions(PipelineOptions):
                                  "'type:nvidia-l4;count:1;install-nvidia-driver'")
 
 
-OPTION_GROUPS = (RunOptions, CatalogOptions, InteractionOptions, EncodeOptions)
-
-
 def help_text(prog: str) -> str:
-    """``--help`` for a job: mmfuse's own options; any Beam option may be added."""
+    """``--help`` for a job: the option groups defined in ``pipelines`` modules imported so far (each job
+    module defines its own group, so a job shows the options of the stages it runs); any Beam option may be
+    added."""
     import argparse
     parser = argparse.ArgumentParser(prog=prog, epilog="Any Apache Beam pipeline option may be added, "
                                      "e.g. --runner, --direct_running_mode, --direct_num_workers.")
-    for group in OPTION_GROUPS:
+    for group in PipelineOptions.__subclasses__():
+        if not group.__module__.startswith("pipelines."):
+            continue
         group._add_argparse_args(parser.add_argument_group(group.__name__, group.__doc__.split("\n")[0]))
     return parser.format_help()
 
