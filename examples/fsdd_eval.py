@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from examples.readme import replace_section
 from models.audio import MfccAudioEncoder, MusicnnAudioEncoder
 
 ENCODERS = {"audio_mfcc": MfccAudioEncoder, "audio_musicnn": MusicnnAudioEncoder}
-START, END = "<!-- fsdd-results:start -->", "<!-- fsdd-results:end -->"
 BATCH = 32
 
 
@@ -103,9 +103,6 @@ def table(results: list[dict]) -> str:
 
 def write_readme(readme: Path, results: list[dict], n_train: int, n_test: int) -> None:
     """Replace the text between the fsdd-results markers, keeping the markers."""
-    text = readme.read_text()
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        sys.exit(f"{readme}: expected one {START} line followed by one {END} line")
     command = shlex.join(["python", "-m", "examples.fsdd_eval", *sys.argv[1:]])
     body = (f"Official split ({n_test} test recordings numbered 0-4, {n_train} training): each embedding "
             "dimension is z-scored with training statistics and L2-normalised, and each test file takes "
@@ -113,9 +110,7 @@ def write_readme(readme: Path, results: list[dict], n_train: int, n_test: int) -
             f"{table(results)}\n\n"
             f"Produced by `{command}` on {datetime.date.today().isoformat()} "
             f"(items/s: decoding and encoding, {os.cpu_count()} shared CPU cores, model load excluded).")
-    head, rest = text.split(START)
-    tail = rest.split(END)[1]
-    readme.write_text(f"{head}{START}\n{body}\n{END}{tail}")
+    replace_section(readme, "fsdd-results", body)
 
 
 def main(argv: list[str] | None = None) -> None:

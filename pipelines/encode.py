@@ -83,8 +83,20 @@ def _raw(source: str, spec: CatalogColumns, template: str):
     return lambda item: item[source]
 
 
+def modality_dims(options: PipelineOptions, modalities: list[str]) -> dict[str, int]:
+    """Each modality's vector length, known before anything runs (custom encoders' only after they run)."""
+    declared = dict(o.catalog_columns(options).vectors)
+    dims = {m: declared[m] if m in declared else encoder_factory(options, m)().dim for m in modalities}
+    unknown = sorted(m for m, d in dims.items() if not d)
+    if unknown:
+        raise ContractError(f"the vector length of {unknown} (custom encoders) is unknown before they run: "
+                            f"use --align=contrastive, which learns it from the data")
+    return dims
+
+
 def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
-    """Embeddings rows for every item: one column per modality, null where the item lacks it."""
+    """Embeddings rows for every item (one column per modality, null where the item lacks it), and the
+    modalities encoded."""
     spec, opts = o.catalog_columns(options), options.view_as(o.EncodeOptions)
     chosen = choose_modalities(options, spec, columns)
     unknown = set(o.custom_encoders(options)) - set(MODALITIES)
@@ -120,7 +132,7 @@ def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
     rows = branches | "MergeEmbeddings" >> embed.MergeEmbeddings(chosen)
     job.stage("encode", items, rows)
     job.write("embeddings", rows, embed.schema(chosen))
-    return rows
+    return rows, chosen
 
 
 def build(job: Job, options: PipelineOptions) -> None:

@@ -45,6 +45,10 @@ class Job:
     def write(self, dataset: str, pcoll, schema: pa.Schema) -> None:
         self._written.append(pcoll | f"Write {dataset}" >> WriteDataset(self.run.dataset_prefix(dataset), schema))
 
+    def wait_for(self, pcoll) -> None:
+        """Commit only after ``pcoll`` is computed: for outputs written by a step itself (model artifacts)."""
+        self._written.append(pcoll)
+
     def finish(self) -> None:
         dead = self._dead | "AllDeadLetters" >> beam.Flatten(pipeline=self.pipeline)
         self.write("dead_letter", dead, deadletter.SCHEMA)

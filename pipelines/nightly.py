@@ -1,4 +1,4 @@
-"""The nightly job: ingest, encode, and (as their issues land) align, fuse and recommend, into one dated run.
+"""The nightly job: ingest, encode, align and fuse, and (as its issue lands) recommend, into one dated run.
 
     mmfuse nightly --catalog=PATH --interactions=PATH --output=ROOT [--run_date=YYYY-MM-DD] [Beam options]
 """
@@ -8,7 +8,7 @@ import sys
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import encode, ingest
+from pipelines import align, encode, ingest
 from pipelines.job import Job, run_job
 from pipelines.options import require
 
@@ -16,8 +16,9 @@ from pipelines.options import require
 def build(job: Job, options: PipelineOptions) -> None:
     require(options, "interactions")
     items, columns = ingest.read_catalog(job, options)
-    ingest.read_interactions(job, options, items)
-    encode.encode(job, options, items, columns)
+    interactions = ingest.read_interactions(job, options, items)
+    rows, modalities = encode.encode(job, options, items, columns)
+    align.align(job, options, rows, interactions, modalities)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ from transforms.parquet import read_dataset
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 RUN_DATE = "2026-11-27"
-DEMO_FLAGS = ["--vector_columns=features:16", f"--run_date={RUN_DATE}"]
+# A few alignment epochs: the tests check the pipeline, not the model's quality (pipelines/evaluate.py does).
+DEMO_FLAGS = ["--vector_columns=features:16", f"--run_date={RUN_DATE}", "--align_epochs=3"]
 
 
 def shared(*parts: str) -> Path:

@@ -80,7 +80,7 @@ def test_good_media_get_the_models_vectors(bad_media_run):
 
 def test_second_night_reuses_and_reencodes_only_changes(demo, tmp_path):
     out = tmp_path / "out"
-    flags = [f"--interactions={demo['interactions']}", f"--output={out}", DEMO_FLAGS[0],
+    flags = [f"--interactions={demo['interactions']}", f"--output={out}", DEMO_FLAGS[0], DEMO_FLAGS[2],
              "--modalities=text,image,audio_mfcc,features"]
     assert nightly.main([f"--catalog={demo['catalog']}", "--run_date=2026-11-26", *flags]) == 0
     assert nightly.main([f"--catalog={demo['catalog']}", "--run_date=2026-11-27", *flags]) == 0

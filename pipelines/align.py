@@ -1,0 +1,270 @@
+"""Align and fuse: fit (or reuse) the alignment, then map every item's embeddings to one fused vector.
+
+    mmfuse nightly ... [--align=contrastive|pca] [--dim=64] [--fusion=attention|mean|weighted]
+                       [--fusion_weights=text:0.6,image:0.4] [--refit=always|weekly|never]
+
+The fitted alignment is saved with the run (``ROOT/<date>/alignment/``: ``alignment.json`` with its config
+and training metrics, plus ``alignment.keras`` or one tf.Transform folder per modality), so later runs can
+apply it to new items without refitting. Applying it is RunInference over that artifact, writing ``items``:
+``item_id``, ``vector`` (unit length), ``weights`` (fusion weight per present modality, summing to 1) and
+``parts`` (per-modality share of the vector: they sum to it, so scores split into contributions).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import posixpath
+import shutil
+import tempfile
+from typing import Any, Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import ModelHandler, ModelMetadata, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from models import align as learned
+from models import evaluation as ev
+from pipelines.job import Job
+from transforms.contract import ContractError
+from transforms.deadletter import DEAD, dead_letter
+from transforms.pca import FitPca
+
+ITEMS_SCHEMA = pa.schema([("item_id", pa.string()), ("vector", pa.list_(pa.float32())),
+                          ("weights", pa.map_(pa.string(), pa.float32())),
+                          ("parts", pa.map_(pa.string(), pa.list_(pa.float32())))])
+ARTIFACT = "alignment"
+REFIT_DAYS = {"always": 0, "weekly": 7, "never": None}
+
+
+class AlignOptions(PipelineOptions):
+    """How modalities are put in one space and fused."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--align", default="contrastive", choices=("contrastive", "pca"),
+                            help="contrastive: projection heads trained on the catalog and interactions; "
+                                 "pca: tf.Transform z-score and PCA per modality")
+        parser.add_argument("--dim", type=int, default=64, help="Dimension of the shared space")
+        parser.add_argument("--fusion", default="", choices=("", *learned.FUSIONS),
+                            help="How present modalities are weighted (default: attention for contrastive, "
+                                 "mean for pca); attention is learned and needs --align=contrastive")
+        parser.add_argument("--fusion_weights", default="",
+                            help="For --fusion=weighted: MODALITY:WEIGHT,... (renormalised over present ones)")
+        parser.add_argument("--collaborative", default="true", choices=("true", "false"),
+                            help="Learn the collaborative modality 'cf' from interactions (contrastive only)")
+        parser.add_argument("--align_epochs", type=int, default=40, help="Most training epochs (early stopping)")
+        parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice in fitting")
+        parser.add_argument("--refit", default="always", choices=tuple(REFIT_DAYS),
+                            help="Fit the alignment every night, when the last fit is a week old, or only when "
+                                 "there is none to reuse (the previous run's, copied into this run)")
+
+
+def settings(options: PipelineOptions) -> tuple[str, learned.AlignConfig]:
+    o = options.view_as(AlignOptions)
+    fusion = o.fusion or ("attention" if o.align == "contrastive" else "mean")
+    if fusion == "attention" and o.align != "contrastive":
+        raise ContractError("--fusion=attention is learned: it needs --align=contrastive")
+    weights = {}
+    for part in filter(None, (p.strip() for p in o.fusion_weights.split(","))):
+        name, _, value = part.partition(":")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ContractError(f"--fusion_weights: expected MODALITY:NUMBER items, got {part!r}") from None
+    if fusion == "weighted" and not weights:
+        raise ContractError("--fusion=weighted needs --fusion_weights")
+    if o.dim < 2:
+        raise ContractError(f"--dim must be at least 2, got {o.dim}")
+    return o.align, learned.AlignConfig(dim=o.dim, fusion=fusion, fusion_weights=weights,
+                                        collaborative=o.collaborative == "true" and o.align == "contrastive",
+                                        epochs=o.align_epochs, seed=o.seed)
+
+
+def _catalog(rows: Sequence[dict], dims: dict[str, int]) -> learned.Catalog:
+    """Embeddings rows (any order) -> a Catalog in item_id order, NaN rows for absent modalities."""
+    rows = sorted(rows, key=lambda r: r["item_id"])
+    features = {m: np.array([r[m] if r.get(m) is not None else [np.nan] * d for r in rows], np.float32)
+                for m, d in dims.items()}
+    return learned.Catalog(np.array([r["item_id"] for r in rows], dtype=str), features)
+
+
+def _publish(local: str, folder: str) -> str:
+    """Copy a local artifact folder to ``folder`` (local or gs://)."""
+    for name in sorted(shutil.os.listdir(local)):
+        with open(posixpath.join(local, name), "rb") as src, FileSystems.create(posixpath.join(folder, name)) as dst:
+            shutil.copyfileobj(src, dst)
+    return folder
+
+
+def _fetch(folder: str) -> str:
+    """A local copy of an artifact folder (Keras and tf.Transform load from local paths)."""
+    local = tempfile.mkdtemp(prefix="mmfuse-alignment-")
+    for m in FileSystems.match([posixpath.join(folder, "**")])[0].metadata_list:
+        target = posixpath.join(local, posixpath.relpath(m.path, folder))
+        shutil.os.makedirs(posixpath.dirname(target), exist_ok=True)
+        with FileSystems.open(m.path) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return local
+
+
+def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modalities: Sequence[str],
+                    config: learned.AlignConfig) -> str:
+    """Fit on the whole catalog and its interactions (the last 10% of each user's for early stopping);
+    save to ``folder``. Inputs are sorted first, so the fit does not depend on their arrival order."""
+    dims = {m: next(len(r[m]) for r in rows if r.get(m) is not None)
+            for m in modalities if any(r.get(m) is not None for r in rows)}
+    catalog = _catalog(rows, dims)
+    events = sorted(events)
+    users, user = np.unique([e[0] for e in events], return_inverse=True)
+    index = {item: i for i, item in enumerate(catalog.item_ids)}
+    inter = ev.Interactions(user=user.astype(np.int64), item=np.array([index[e[1]] for e in events], np.int64),
+                            timestamp=np.array([e[2] for e in events], np.int64),
+                            weight=np.ones(len(events), np.float32), user_ids=users, item_ids=catalog.item_ids)
+    fit, val = ev.validation_split(inter)
+    arrays = lambda x: (x.user, x.item, x.timestamp)
+    aligner = learned.fit_and_refit(catalog, arrays(fit), arrays(val), config)
+    local = tempfile.mkdtemp(prefix="mmfuse-alignment-")
+    aligner.save(local)
+    return _publish(local, folder)
+
+
+class AlignHandler(ModelHandler[dict, dict, Any]):
+    """Embeddings rows -> item rows, with the artifact whose folder arrives as a side input."""
+
+    def __init__(self, batch_size: int = 512):
+        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        self._folder = None
+
+    def update_model_path(self, model_path: str | None = None):
+        self._folder = model_path
+
+    def load_model(self):
+        return learned.load(_fetch(self._folder))
+
+    def run_inference(self, batch: Sequence[dict], model, inference_args=None) -> Iterable[dict]:
+        catalog = _catalog(batch, model.input_dims)
+        out = model.apply(catalog.item_ids, catalog.features)
+        names = model.modalities
+        for i, item_id in enumerate(catalog.item_ids):
+            present = [j for j, m in enumerate(names) if out["mask"][i, j] > 0]
+            yield {"item_id": str(item_id), "vector": out["fused"][i].tolist(),
+                   "weights": {names[j]: float(out["weights"][i, j]) for j in present},
+                   "parts": {names[j]: out["parts"][i, j].tolist() for j in present}}
+
+    def get_metrics_namespace(self) -> str:
+        return "mmfuse"
+
+
+def _reusable(previous: str | None, max_age_days: int | None, run_date: str, kind: str) -> str | None:
+    """The previous run's artifact folder when it may be reused: same kind, and younger than ``max_age_days``
+    (None: any age; 0: never reuse)."""
+    if previous is None or max_age_days == 0:
+        return None
+    meta_path = posixpath.join(previous, ARTIFACT, learned.CONFIG_FILE)
+    if not FileSystems.exists(meta_path):
+        return None
+    with FileSystems.open(meta_path) as f:
+        meta = json.load(f)
+    fitted = dt.date.fromisoformat(meta.get("fitted_on", "1970-01-01"))
+    if meta["kind"] != kind or (max_age_days is not None
+                                and (dt.date.fromisoformat(run_date) - fitted).days >= max_age_days):
+        return None
+    return posixpath.join(previous, ARTIFACT)
+
+
+def _stamp(folder: str, run_date: str) -> str:
+    """Record the fit date in the artifact's config (weekly refits compare against it)."""
+    path = posixpath.join(folder, learned.CONFIG_FILE)
+    with FileSystems.open(path) as f:
+        meta = json.load(f)
+    meta.setdefault("fitted_on", run_date)
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(meta, indent=1).encode())
+    return folder
+
+
+def artifact(job: Job, options: PipelineOptions, rows, interactions, modalities: Sequence[str]):
+    """PCollection of the one artifact folder this run applies: fitted now, or the previous run's copied in."""
+    from pipelines.encode import modality_dims, previous_run
+    kind, config = settings(options)
+    folder = posixpath.join(job.run.staging, ARTIFACT)
+    reuse = _reusable(previous_run(options), REFIT_DAYS[options.view_as(AlignOptions).refit],
+                      job.run.run_date, kind)
+    job.report["alignment"] = {"kind": kind, "fusion": config.fusion, "dim": config.dim,
+                               "reused_from": reuse}
+    if reuse:
+        fitted = (job.pipeline | "PreviousAlignment" >> beam.Create([reuse])
+                  | "CopyIn" >> beam.Map(lambda src: _publish(_fetch(src), folder)))
+    elif kind == "pca":
+        dims = modality_dims(options, list(modalities))
+        meta = dataclasses.asdict(config)
+        fitted = (rows
+                  | "FitPca" >> FitPca(dims, config.dim, folder)
+                  | "AllFitted" >> beam.combiners.ToList()
+                  | "WriteConfig" >> beam.Map(lambda _: _pca_config(folder, dims, meta)))
+    else:
+        catalog = rows | "CatalogList" >> beam.combiners.ToList()
+        events = (interactions
+                  | "Events" >> beam.Map(lambda e: (e["user_id"], e["item_id"], e["timestamp"]))
+                  | "EventList" >> beam.combiners.ToList())
+        fitted = (job.pipeline
+                  | "Folder" >> beam.Create([folder])
+                  | "FitContrastive" >> beam.Map(fit_contrastive, beam.pvalue.AsSingleton(catalog),
+                                                 beam.pvalue.AsSingleton(events), list(modalities), config))
+    run_date = job.run.run_date
+    return fitted | "Stamp" >> beam.Map(_stamp, run_date)
+
+
+def _pca_config(folder: str, dims: dict[str, int], config: dict) -> str:
+    local = tempfile.mkdtemp(prefix="mmfuse-alignment-")
+    from models.pca import PcaAligner
+    PcaAligner.write_config(local, dims, config)
+    return _publish(local, folder)
+
+
+def align(job: Job, options: PipelineOptions, rows, interactions, modalities: Sequence[str]):
+    """Items (fused vectors, weights, parts) from embeddings rows; writes ``items`` and the artifact."""
+    folder = artifact(job, options, rows, interactions, modalities)
+    job.wait_for(folder)
+    usable, dead = rows | "HasModality" >> beam.FlatMap(_has_modality, list(modalities)).with_outputs(DEAD, main="ok")
+    metadata = folder | "Metadata" >> beam.Map(lambda path: ModelMetadata(model_id=path, model_name=ARTIFACT))
+    fused = usable | "Fuse" >> RunInference(AlignHandler(), model_metadata_pcoll=metadata)
+    items, unaligned = fused | "Aligned" >> beam.FlatMap(_aligned).with_outputs(DEAD, main="ok")
+    dead = (dead, unaligned) | "AlignDead" >> beam.Flatten()
+    job.stage("align", rows, items, dead)
+    job.write("items", items, ITEMS_SCHEMA)
+    return items
+
+
+def _has_modality(row: dict, modalities: list[str]):
+    if any(row.get(m) is not None for m in modalities):
+        yield row
+    else:
+        yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
+            "align", row["item_id"], "no_modality", "every modality of this item failed or is missing", ""))
+
+
+def _aligned(item: dict):
+    if item["weights"]:
+        yield item
+    else:
+        yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
+            "align", item["item_id"], "no_aligned_modality",
+            "none of the item's modalities is known to the alignment (fitted before they existed)", ""))
+
+
+def fit_pca_local(catalog: learned.Catalog, dim: int):
+    """The statistical alignment fitted on an in-memory catalog by a local Beam pipeline (for evaluation)."""
+    import runners
+    folder = tempfile.mkdtemp(prefix="mmfuse-pca-")
+    dims = {m: v.shape[1] for m, v in catalog.features.items()}
+    rows = [{"item_id": str(item), **{m: None if np.isnan(v[i]).any() else v[i] for m, v in catalog.features.items()}}
+            for i, item in enumerate(catalog.item_ids)]
+    with runners.create_pipeline(PipelineOptions([])) as pipeline:
+        _ = pipeline | beam.Create(rows, reshuffle=False) | FitPca(dims, dim, folder)
+    _pca_config(folder, dims, dataclasses.asdict(learned.AlignConfig(dim=dim, fusion="mean")))
+    return learned.load(folder)

@@ -1,0 +1,186 @@
+"""``mmfuse evaluate``: the protocol of ../shared/docs/EVALUATION.md on any data in the contract.
+
+    mmfuse evaluate --catalog=PATH --interactions=PATH --embeddings=RUN_DIR --output=DIR [--methods=...]
+
+Reads an encode run's ``embeddings`` and the interactions, makes the warm (temporal) and cold-item splits,
+fits every method on the training side only (hyper-parameters and early stopping on the validation split
+carved from training) and writes ``evaluation.json`` and ``evaluation.md`` to ``--output``. User vector of
+every content method: the mean of the user's training item vectors, cosine scores.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from models import align
+from models import evaluation as ev
+from transforms.parquet import read_dataset
+
+CONTENT = ("text", "image")
+METHODS = ("popular", "item_knn", "als", "random", "text", "image", "concat", "pca",
+           "contrastive_mean", "contrastive_attention", "contrastive_cf")
+COLD_ID_ONLY = ("popular", "item_knn", "als")  # cannot score items without interactions
+
+
+@dataclasses.dataclass
+class Split:
+    train: ev.Interactions
+    fit: ev.Interactions
+    val: ev.Interactions
+    score: Callable  # (scorer) -> metrics
+
+
+def load(catalog: str, interactions: str, embeddings: str) -> tuple[ev.Interactions, align.Catalog]:
+    """Interactions on the catalog's items (catalog order, so time ties break by it) and their vectors."""
+    items = pq.read_table(catalog, columns=["item_id"])["item_id"].to_pylist()
+    inter = ev.Interactions.from_table(pq.read_table(interactions), items)
+    table = read_dataset(embeddings, "embeddings")
+    ids = table["item_id"].to_pylist()
+    features = {}
+    for m in CONTENT:
+        if m in table.column_names:
+            rows = table[m].to_pylist()
+            dim = len(next(r for r in rows if r is not None))
+            vectors = np.array([r if r is not None else [np.nan] * dim for r in rows], np.float32)
+            features[m] = inter.align(ids, vectors)
+    return inter, align.Catalog(inter.item_ids, features)
+
+
+def _arrays(x: ev.Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return x.user, x.item, x.timestamp
+
+
+def fit_alignment(known: align.Catalog, catalog: align.Catalog, split: Split,
+                  config: align.AlignConfig) -> tuple[np.ndarray, dict]:
+    """Fitted on the split's training side (``known`` hides the cold split's held-out items), then applied
+    to the whole ``catalog``."""
+    fitted = align.fit_and_refit(known, _arrays(split.fit), _arrays(split.val), config)
+    out = fitted.apply(catalog.item_ids, catalog.features)
+    return out["fused"], {"epochs": fitted.metrics["epochs"], "val_loss": round(fitted.metrics["best_val_loss"], 4)}
+
+
+def content_vectors(method: str, known: align.Catalog, catalog: align.Catalog, split: Split,
+                    seed: int) -> tuple[np.ndarray, dict]:
+    """Vectors of every catalog item for a content method fitted on what ``known`` shows."""
+    f = catalog.features
+    if method in CONTENT:
+        return f[method], {}
+    if method == "concat":
+        unit = [np.nan_to_num(v / np.linalg.norm(v, axis=1, keepdims=True)) for v in f.values()]
+        vectors = np.concatenate(unit, 1)
+        vectors[catalog.present().sum(1) == 0] = np.nan
+        return vectors, {}
+    if method == "pca":
+        from pipelines.align import fit_pca_local
+        return fit_pca_local(known, dim=64).apply(catalog.item_ids, catalog.features)["fused"], {}
+    fusion = "mean" if method == "contrastive_mean" else "attention"
+    config = align.AlignConfig(fusion=fusion, collaborative=method == "contrastive_cf", seed=seed)
+    return fit_alignment(known, catalog, split, config)
+
+
+def run(inter: ev.Interactions, catalog: align.Catalog, methods=METHODS, seed: int = 0, log=print) -> dict:
+    train, test = ev.warm_split(inter)
+    fit, val = ev.validation_split(train)
+    cold_train, cold_test, held_out = ev.cold_split(inter, seed)
+    cold_fit, cold_val = ev.validation_split(cold_train)
+    hidden = np.zeros(inter.n_items, bool)
+    hidden[held_out] = True
+    cold_catalog = align.Catalog(catalog.item_ids, {m: np.where(hidden[:, None], np.nan, v)
+                                                    for m, v in catalog.features.items()})
+    splits = {
+        "warm": (Split(train, fit, val, lambda s: ev.evaluate(s, train, test)), catalog),
+        "cold": (Split(cold_train, cold_fit, cold_val, lambda s: ev.evaluate_cold(s, cold_test, held_out)),
+                 cold_catalog),
+    }
+    results = {"warm": {}, "cold": {}, "details": {},
+               "sizes": {"users": inter.n_users, "items": inter.n_items, "interactions": len(inter),
+                         "warm_train": len(train), "warm_test": len(test), "cold_train": len(cold_train),
+                         "cold_test": len(cold_test), "cold_items": len(held_out)}, "seed": seed}
+    for name, (split, split_catalog) in splits.items():
+        for method in methods:
+            if name == "cold" and method in COLD_ID_ONLY:
+                continue
+            start = time.perf_counter()
+            details = {}
+            if method == "popular":
+                model = ev.MostPopular()
+            elif method == "item_knn":
+                model = ev.ItemKNN()
+            elif method == "als":
+                best, _ = ev.tune(split.fit, split.val, seed=seed)
+                model, details = ev.ALS(**best, seed=seed), {"params": best}
+            elif method == "random":
+                model = ev.Random(seed)
+            else:
+                # Cold: fitted without the held-out items, applied to their content to score them.
+                vectors, details = content_vectors(method, split_catalog, catalog, split, seed)
+                model = ev.ContentKNN(vectors)
+            metrics = split.score(model.fit(split.train).score)
+            results[name][method] = metrics
+            results["details"][f"{name}/{method}"] = {**details, "seconds": round(time.perf_counter() - start, 1)}
+            log(f"{name:4s} {method:22s} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                + f"  ({results['details'][f'{name}/{method}']['seconds']} s)")
+    return results
+
+
+LABELS = {"popular": "most popular", "item_knn": "item-kNN (cosine, 100 neighbours)",
+          "als": "ALS (implicit, tuned on validation)", "random": "random", "text": "content kNN: text (MiniLM)",
+          "image": "content kNN: image (MobileNetV2)", "concat": "fused, no alignment (normalised, concatenated)",
+          "pca": "PCA alignment (tf.Transform), mean fusion", "contrastive_mean": "contrastive alignment, mean fusion",
+          "contrastive_attention": "contrastive alignment, attention fusion",
+          "contrastive_cf": "contrastive + collaborative modality, attention fusion"}
+
+
+def markdown(results: dict) -> str:
+    """The results as a Markdown table: one row per method, warm and cold columns side by side."""
+    s = results["sizes"]
+    lines = [f"Users {s['users']}, items {s['items']}, interactions {s['interactions']}; warm split: "
+             f"{s['warm_train']} train / {s['warm_test']} test; cold split: {s['cold_items']} held-out items, "
+             f"{s['cold_test']} test interactions. Seed {results['seed']}.", "",
+             "| method | warm R@10 | warm R@20 | warm N@10 | warm N@20 | warm cov@20 | cold R@20 | cold N@20 | s |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for method in LABELS:
+        warm, cold = results["warm"].get(method), results["cold"].get(method)
+        if warm is None and cold is None:
+            continue
+        cells = ([f"{warm[k]:.3f}" for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20", "coverage@20")]
+                 if warm else ["-"] * 5) + ([f"{cold[k]:.3f}" for k in ("recall@20", "ndcg@20")] if cold else ["n/a"] * 2)
+        seconds = sum(results["details"].get(f"{split}/{method}", {}).get("seconds", 0) for split in ("warm", "cold"))
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmfuse evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--catalog", required=True, help="Catalog Parquet (its item order breaks time ties)")
+    parser.add_argument("--interactions", required=True, help="Interactions Parquet")
+    parser.add_argument("--embeddings", required=True, help="A run folder holding an `embeddings` dataset")
+    parser.add_argument("--output", required=True, help="Folder for evaluation.json and evaluation.md")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated among {', '.join(METHODS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        print(f"mmfuse evaluate: error: unknown methods {sorted(unknown)}", file=sys.stderr)
+        return 2
+    inter, catalog = load(args.catalog, args.interactions, args.embeddings)
+    results = run(inter, catalog, methods, args.seed, log=lambda line: print(line, flush=True))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(results, indent=1))
+    (out / "evaluation.md").write_text(markdown(results))
+    print(f"mmfuse evaluate: wrote {out / 'evaluation.json'} and {out / 'evaluation.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

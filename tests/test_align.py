@@ -1,0 +1,130 @@
+"""Alignment and fusion (issue 4): missing modalities, the fusion arithmetic, reproducible fits, saved artifacts
+that apply to new items exactly as the fitted model does, and the tf.Transform PCA against numpy."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from models import align
+from pipelines.align import fit_pca_local
+
+SMALL = align.AlignConfig(dim=8, hidden=16, epochs=3, users_per_batch=64, history=5, seed=3)
+
+
+def _data(n_items=90, n_users=40, seed=0):
+    """Items with text/image/audio vectors that share a hidden factor, and users who like one factor."""
+    rng = np.random.default_rng(seed)
+    factor = rng.integers(0, 4, n_items)
+    centres = rng.normal(size=(4, 12))
+    features = {m: (centres[factor] @ rng.normal(size=(12, d)) + 0.3 * rng.normal(size=(n_items, d))).astype(np.float32)
+                for m, d in (("text", 10), ("image", 14), ("audio", 6))}
+    users = np.repeat(np.arange(n_users), 12)
+    items = np.array([rng.choice(np.flatnonzero(factor == u % 4), 12) for u in range(n_users)]).ravel()
+    stamps = np.tile(np.arange(12), n_users) + 100 * users
+    catalog = align.Catalog(np.array([f"i{i:03d}" for i in range(n_items)]), features)
+    late = np.tile(np.arange(12) >= 10, n_users)
+    return catalog, (users[~late], items[~late], stamps[~late]), (users[late], items[late], stamps[late])
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    catalog, train, val = _data()
+    return catalog, train, val, align.fit(catalog, train, val, SMALL)
+
+
+def _check_items(out, present):
+    assert np.isfinite(out["fused"]).all()
+    assert np.allclose(np.linalg.norm(out["fused"], axis=1), 1.0, atol=1e-5)
+    assert np.allclose(out["weights"].sum(1), 1.0, atol=1e-5)
+    assert (out["weights"][~present] == 0).all() and (out["weights"][present] > 0).all()
+    assert np.allclose(out["parts"].sum(1), out["fused"], atol=1e-5)
+    assert (out["parts"][~present] == 0).all()
+
+
+@pytest.mark.parametrize("fusion", ["attention", "mean", "weighted"])
+def test_each_missing_modality_in_turn(fitted, fusion):
+    catalog, train, val, model = fitted
+    if fusion != "attention":
+        weights = {"text": 3.0, "image": 1.0, "audio": 1.0, align.CF: 2.0}
+        model = align.fit(catalog, train, val, dataclasses.replace(SMALL, fusion=fusion, fusion_weights=weights))
+    names = model.modalities
+    assert names == ["text", "image", "audio", align.CF]
+    for gone in ("text", "image", "audio"):
+        features = dict(catalog.features, **{gone: np.full_like(catalog.features[gone], np.nan)})
+        out = model.apply(catalog.item_ids, features)
+        present = out["mask"] > 0
+        assert not present[:, names.index(gone)].any()
+        _check_items(out, present)
+    # An item with only one modality (here: a new item with text only, so no cf either) gets that one, weight 1.
+    lone = {m: np.full((1, v.shape[1]), np.nan, np.float32) for m, v in catalog.features.items()}
+    lone["text"] = catalog.features["text"][:1]
+    out = model.apply(["new"], lone)
+    assert out["weights"][0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    _check_items(out, out["mask"] > 0)
+    if fusion == "mean":  # two present modalities weigh the same
+        both = model.apply(catalog.item_ids[:1], {m: v[:1] for m, v in catalog.features.items()})
+        assert np.allclose(both["weights"][0], 0.25)
+    if fusion == "weighted":  # 3:1:1:2 renormalised over the present ones
+        both = model.apply(catalog.item_ids[:1], {m: v[:1] for m, v in catalog.features.items()})
+        assert np.allclose(both["weights"][0], [3 / 7, 1 / 7, 1 / 7, 2 / 7], atol=1e-6)
+
+
+def test_collaborative_modality_only_for_trained_items(fitted):
+    catalog, train, _, model = fitted
+    out = model.apply(catalog.item_ids, catalog.features)
+    has_cf = out["mask"][:, model.modalities.index(align.CF)] > 0
+    assert np.array_equal(has_cf, np.isin(np.arange(len(catalog.item_ids)), train[1]))
+
+
+def test_same_seed_same_vectors_and_saved_artifact_applies_to_new_items(fitted, tmp_path):
+    catalog, train, val, model = fitted
+    again = align.fit(catalog, train, val, SMALL)
+    first = model.apply(catalog.item_ids, catalog.features)["fused"]
+    assert np.allclose(again.apply(catalog.item_ids, catalog.features)["fused"], first, atol=1e-5)
+    other = align.fit(catalog, train, val, dataclasses.replace(SMALL, seed=4))
+    assert not np.allclose(other.apply(catalog.item_ids, catalog.features)["fused"], first, atol=1e-3)
+
+    model.save(tmp_path / "artifact")
+    loaded = align.load(tmp_path / "artifact")
+    assert loaded.metrics == model.metrics and loaded.modalities == model.modalities
+    # A new item, alone in its batch, through the saved artifact = what the fitted model gives it among others.
+    new_features = {m: np.concatenate([v, v[:1] * 0.5]) for m, v in catalog.features.items()}
+    ids = np.append(catalog.item_ids, "brand-new")
+    in_context = model.apply(ids, new_features)
+    alone = loaded.apply(["brand-new"], {m: v[-1:] for m, v in new_features.items()})
+    for key in ("fused", "weights", "parts"):
+        assert np.allclose(alone[key][0], in_context[key][-1], atol=1e-6)
+    assert alone["mask"][0, loaded.modalities.index(align.CF)] == 0  # never trained on: no cf vector
+
+
+def test_training_reduces_both_losses(fitted):
+    metrics = fitted[3].metrics
+    assert metrics["val_loss"][-1] < metrics["val_loss"][0] and metrics["loss"][-1] < metrics["loss"][0]
+
+
+def test_examples_are_earlier_items_in_time_order():
+    # User 0: items 5, 6, 7 at times 3, 1, 2 -> order 6, 7, 5; user 1: item 9 alone (no example).
+    histories, targets, index = align.examples(np.array([0, 0, 0, 1]), np.array([5, 6, 7, 9]),
+                                               np.array([3, 1, 2, 0]), history=2)
+    assert targets.tolist() == [7, 5] and index.tolist() == [2, 0]
+    assert histories.tolist() == [[-1, 6], [6, 7]]
+
+
+def test_pca_alignment_matches_numpy():
+    catalog, _, _ = _data()
+    features = dict(catalog.features)
+    features["image"] = features["image"].copy()
+    features["image"][::5] = np.nan  # tft.pca is fitted on the items that have the modality
+    catalog = align.Catalog(catalog.item_ids, features)
+    pca = fit_pca_local(catalog, dim=4)
+    out = pca.apply(catalog.item_ids, catalog.features)
+    for j, m in enumerate(pca.modalities):
+        x = catalog.features[m]
+        ok = ~np.isnan(x).any(1)
+        z = (x[ok] - x[ok].mean(0)) / x[ok].std(0)
+        _, vecs = np.linalg.eigh(np.cov(z, rowvar=False))
+        y = z @ vecs[:, ::-1][:, :4]
+        y /= np.linalg.norm(y, axis=1, keepdims=True)
+        # Components are defined up to sign: compare item-item cosines, which do not depend on it.
+        assert np.allclose(out["aligned"][ok, j] @ out["aligned"][ok, j].T, y @ y.T, atol=1e-3)
+    _check_items(out, out["mask"] > 0)
