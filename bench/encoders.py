@@ -6,7 +6,8 @@ Speed targets live here, not in timed tests (issue 3, bar 5): pipeline/bare >= 0
 Every measurement runs in its own subprocess, so each peak memory (ru_maxrss, from wait4) is that
 measurement's alone. This 2-core machine is shared and noisy, so ours, the pipeline and the peers run
 interleaved, ``--repeats`` times, and the best of each is kept. A full run writes
-bench/results/encoders.md and encoders.json; ``--quick`` only prints.
+bench/results/encoders.md and encoders.json, keeping the rows of the modalities it did not measure from the
+results it replaces (each row names its run); ``--quick`` only prints.
 """
 from __future__ import annotations
 
@@ -219,19 +220,45 @@ def summarise(m: str, s: dict) -> dict:
     return out
 
 
+def load_range(samples: dict) -> list[float]:
+    """Lowest and highest 1-minute load average at the start of a modality's measurements."""
+    loads = [x["load"] for kind in samples.values() for x in kind]
+    return [min(loads), max(loads)]
+
+
+def carry_over(results: dict, samples: dict) -> tuple[dict, dict]:
+    """Add the rows (and samples) of the modalities this run did not measure from the results it replaces,
+    so that a run of some modalities keeps every row of the table; each row keeps the run it came from."""
+    path = RESULTS / "encoders.json"
+    if not path.exists():
+        return results, samples
+    old = json.loads(path.read_text())
+    env = old["environment"]
+    earlier = {"date": env["date"], "repeats": env["repeats"], "load": env.get("load")}  # files before "run"
+    for m in set(old["results"]) - set(results):
+        results[m] = {"run": earlier, **old["results"][m]}
+        samples[m] = old["samples"][m]
+    order = [m for m in BATCH if m in results]
+    return {m: results[m] for m in order}, {m: samples[m] for m in order}
+
+
 def verdict(ratio: float, target: float) -> str:
     return f"{ratio:.2f} ({'met' if ratio >= target else 'MISSED'})"
 
 
 def markdown(report: dict) -> str:
     env, rows = report["environment"], report["results"]
+    runs: dict[str, list[str]] = {}
+    for m, r in rows.items():
+        run = r["run"]
+        runs.setdefault(f"{run['date']}, best of {run['repeats']} interleaved repeats, 1-minute load average "
+                        f"{run['load'][0]:.1f}-{run['load'][1]:.1f} at the start of its measurements", []).append(m)
     lines = [
         "# Encoder throughput", "",
-        f"Written by `make bench` (`python -m bench.encoders`) on {env['date']}: {env['cpu']}, {env['cores']} cores "
-        f"(shared), best of {env['repeats']} interleaved repeats. TensorFlow {env['tensorflow']}, Keras "
-        f"{env['keras']}, Beam {env['beam']}. The 1-minute load average at the start of each measurement ranged "
-        f"{env['load'][0]:.1f}-{env['load'][1]:.1f}: other work shared the cores, so single samples vary a lot "
-        "(all of them are in encoders.json).", "",
+        f"Written by `make bench` (`python -m bench.encoders`): {env['cpu']}, {env['cores']} cores (shared). "
+        f"TensorFlow {env['tensorflow']}, Keras {env['keras']}, Beam {env['beam']}. Other work shared the cores, "
+        "so single samples vary a lot (all of them are in encoders.json). Each row comes from one run:", "",
+        *(f"- {', '.join(ms)}: {run}" for run, ms in runs.items()), "",
         f"Data: {env['source']}.", "",
         f"Threads: TensorFlow at its defaults (intra- and inter-op pools sized to the {env['cores']} cores); "
         f"{env['torch']} (its defaults); no thread variable set for either, except `OPENBLAS_NUM_THREADS=1` "
@@ -293,16 +320,20 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="mmfuse-bench-") as work:
         measured = measure(modalities, QUICK_ITEMS if args.quick else ITEMS, repeats, Path(work))
-    results = {m: summarise(m, s) for m, s in measured["samples"].items()}
-    loads = [x["load"] for s in measured["samples"].values() for kind in s.values() for x in kind]
+    today = dt.date.today().isoformat()
+    results = {m: {**summarise(m, s), "run": {"date": today, "repeats": repeats, "load": load_range(s)}}
+               for m, s in measured["samples"].items()}
+    samples = measured["samples"]
+    if not args.quick:
+        results, samples = carry_over(results, samples)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     report = {"environment": {
-        "date": dt.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(), "repeats": repeats,
+        "date": today, "cpu": cpu, "cores": os.cpu_count(), "repeats": repeats,
         "tensorflow": version("tensorflow"), "keras": version("keras"), "beam": version("apache-beam"),
         "torch": next((r["torch"] for r in results.values() if "torch" in r), "torch not run"),
-        "source": measured["source"], "load": [min(loads), max(loads)]},
-        "results": results, "samples": measured["samples"]}
+        "source": measured["source"]},
+        "results": results, "samples": samples}
     text = markdown(report)
     print(text)
     if not args.quick:

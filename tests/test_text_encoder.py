@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from models.base import InputError
-from models.text import PACKAGE, MiniLMTextEncoder
+from models.text import PACKAGE, MiniLMTextEncoder, pack
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec(PACKAGE) is None,
@@ -27,8 +27,19 @@ def test_reference_similarities(encoder):
     np.testing.assert_allclose(emb @ emb.T, expected, atol=1e-3)
 
 
-def test_padding_does_not_change_embeddings(encoder):
-    """One mixed-length batch (padded to 48 tokens) equals items encoded alone (padded to 16)."""
+def test_pack_layout():
+    """Packed tokens, their grid slots and the grid's token indices describe the same padded batch."""
+    ids, slots, grid = pack([np.array([101, 7, 102]), np.array([101, 102]), np.array([101, 8, 9, 102])])
+    assert ids.dtype == slots.dtype == grid.dtype == np.int32
+    np.testing.assert_array_equal(ids, [101, 7, 102, 101, 102, 101, 8, 9, 102])
+    np.testing.assert_array_equal(grid, [[0, 1, 2, -1], [3, 4, -1, -1], [5, 6, 7, 8]])
+    np.testing.assert_array_equal(slots, [0, 1, 2, 4, 5, 8, 9, 10, 11])
+    np.testing.assert_array_equal(grid.ravel()[slots], np.arange(len(ids)))
+
+
+def test_batch_does_not_change_embeddings(encoder):
+    """An item's vector does not depend on the other items in its batch (their lengths, hence the padded
+    attention grid) nor on its place in the batch."""
     texts = ["Up (2009)", "Toy Story (1995)",
              "Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb (1964), a Cold War satire "
              "by Stanley Kubrick starring Peter Sellers"]
@@ -36,6 +47,7 @@ def test_padding_does_not_change_embeddings(encoder):
     assert max(map(len, ids)) > 32
     alone = np.concatenate([encoder.encode_batch([i]) for i in ids])
     np.testing.assert_allclose(encoder.encode_batch(ids), alone, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_batch(ids[::-1]), alone[::-1], atol=1e-5)
     assert encoder.encode_batch([]).shape == (0, encoder.dim)
 
 
