@@ -64,6 +64,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["pipelines*", "transforms*", "models*", "runners*"]),
     install_requires=REQUIRES,
     extras_require={
+        # `mmfuse evaluate`: the tuned matrix-factorisation baseline
+        "evaluate": ["implicit==0.7.3"],
         "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "gcp-storage-emulator==2026.7.19",
                  "scikit-learn==1.9.1", "implicit==0.7.3"],
     },

@@ -22,7 +22,6 @@ import numpy as np
 from keras import layers, ops
 
 CF = "cf"  # name of the collaborative modality
-FUSIONS = ("mean", "weighted", "attention")
 MODEL_FILE, CONFIG_FILE = "alignment.keras", "alignment.json"
 PAD_ITEMS = 256
 KIND = "contrastive"
@@ -36,7 +35,7 @@ def fuse(aligned, mask, logits):
     fused vector splits exactly into per-modality contributions. Items with no modality get zeros.
     """
     logits = ops.where(mask > 0, logits, -1e9)
-    weights = ops.softmax(logits, axis=-1) * mask
+    weights = ops.exp(logits - ops.max(logits, axis=-1, keepdims=True)) * mask  # softmax over present ones
     weights = weights / ops.maximum(ops.sum(weights, axis=-1, keepdims=True), 1e-12)
     raw = ops.sum(weights[..., None] * aligned, axis=1)
     norm = ops.maximum(ops.sqrt(ops.sum(raw * raw, axis=-1, keepdims=True)), 1e-12)
@@ -129,7 +128,8 @@ class AlignmentModel(keras.Model):
         targets = x["target"]  # (B,) row of each user's next item; scored against every contrast item
         logits = ops.matmul(users, ops.transpose(fused)) / self.temperature
         logits = ops.where(contrast[None, :] > 0, logits, -1e9)
-        interaction = ops.mean(ops.logsumexp(logits, axis=-1) - ops.take_along_axis(logits, targets[:, None], 1)[:, 0])
+        per_user = ops.logsumexp(logits, axis=-1) - ops.take_along_axis(logits, targets[:, None], 1)[:, 0]
+        interaction = ops.sum(per_user) / ops.maximum(ops.cast(ops.shape(targets)[0], "float32"), 1.0)
         return (total / max(pairs, 1) if pairs else 0.0) + interaction
 
     def get_config(self):
@@ -248,7 +248,10 @@ class _Batches(keras.utils.PyDataset):
         self.epoch = 0
 
     def __len__(self):
-        return max(1, math.ceil(len(self.targets) / self.config.users_per_batch))
+        # Without any (history, next item) example (e.g. every user has one interaction) the steps walk the
+        # catalog for the contrastive loss alone.
+        n = len(self.targets) or len(self.inputs["mask"])
+        return max(1, math.ceil(n / self.config.users_per_batch))
 
     def on_epoch_end(self):
         self.epoch += 1
@@ -256,10 +259,13 @@ class _Batches(keras.utils.PyDataset):
     def __getitem__(self, step):
         c = self.config
         rng = np.random.default_rng([c.seed, self.epoch if self.train else 0, step, int(self.train)])
-        order = (np.random.default_rng([c.seed, self.epoch]).permutation(len(self.targets)) if self.train
-                 else np.arange(len(self.targets)))
+        n = len(self.targets) or len(self.inputs["mask"])
+        order = np.random.default_rng([c.seed, self.epoch]).permutation(n) if self.train else np.arange(n)
         chosen = order[step * c.users_per_batch:(step + 1) * c.users_per_batch]
-        targets, histories = self.targets[chosen], self.histories[chosen]
+        if len(self.targets):
+            targets, histories = self.targets[chosen], self.histories[chosen]
+        else:
+            targets, histories = np.sort(chosen), np.zeros((0, c.history), np.int64)
         unique_targets, target_slot = np.unique(targets, return_inverse=True)
         extra = np.setdiff1d(np.unique(histories[histories >= 0]), unique_targets)
         items = np.concatenate([unique_targets, extra])
@@ -272,6 +278,8 @@ class _Batches(keras.utils.PyDataset):
         if self.train and c.modality_dropout:
             batch["mask"] = _drop_modalities(batch["mask"], c.modality_dropout, rng)
         batch["mask"][len(unique_targets) + len(extra):] = 0.0
+        if not len(self.targets):
+            target_slot = np.zeros(0, np.int64)
         batch.update(history=history.astype(np.int32), target=target_slot.astype(np.int32),
                      contrast=(np.arange(len(items)) < len(unique_targets)).astype(np.float32))
         return batch
@@ -341,9 +349,13 @@ def fit_and_refit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndar
     """Find the number of epochs by early stopping on ``validation`` (interactions after ``train``), then
     refit on both for that many epochs: the most recent interactions are the most telling, so they are
     not left out of the model that is kept."""
+    both = tuple(np.concatenate([a, b]) for a, b in zip(train, validation))
+    if not (examples(*both, config.history)[2] >= len(train[0])).any():  # nothing to stop early on
+        final = fit(catalog, both, None, config, log_dir)
+        final.metrics = {"epochs": config.epochs, "loss": final.metrics["loss"]}
+        return final
     probe = fit(catalog, train, validation, config, log_dir)
     epochs = int(np.argmin(probe.metrics["val_loss"])) + 1
-    both = tuple(np.concatenate([a, b]) for a, b in zip(train, validation))
     final = fit(catalog, both, None, dataclasses.replace(config, epochs=epochs))
     final.metrics = {"epochs": epochs, "best_val_loss": float(min(probe.metrics["val_loss"])),
                      "probe": probe.metrics, "loss": final.metrics["loss"]}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import posixpath
 import shutil
 import tempfile
@@ -26,18 +27,21 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, ModelMetadata, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from models import align as learned
 from models import evaluation as ev
 from pipelines.job import Job
 from transforms.contract import ContractError
 from transforms.deadletter import DEAD, dead_letter
-from transforms.pca import FitPca
+
+# models.align and transforms.pca import Keras and TensorFlow: imported where used, so that the command line
+# answers --help and input errors without loading them.
 
 ITEMS_SCHEMA = pa.schema([("item_id", pa.string()), ("vector", pa.list_(pa.float32())),
                           ("weights", pa.map_(pa.string(), pa.float32())),
                           ("parts", pa.map_(pa.string(), pa.list_(pa.float32())))])
 ARTIFACT = "alignment"
 REFIT_DAYS = {"always": 0, "weekly": 7, "never": None}
+FUSIONS = ("mean", "weighted", "attention")
+CONFIG_FILE = "alignment.json"  # models.align.CONFIG_FILE
 
 
 class AlignOptions(PipelineOptions):
@@ -49,7 +53,7 @@ class AlignOptions(PipelineOptions):
                             help="contrastive: projection heads trained on the catalog and interactions; "
                                  "pca: tf.Transform z-score and PCA per modality")
         parser.add_argument("--dim", type=int, default=64, help="Dimension of the shared space")
-        parser.add_argument("--fusion", default="", choices=("", *learned.FUSIONS),
+        parser.add_argument("--fusion", default="", choices=("", *FUSIONS),
                             help="How present modalities are weighted (default: attention for contrastive, "
                                  "mean for pca); attention is learned and needs --align=contrastive")
         parser.add_argument("--fusion_weights", default="",
@@ -63,7 +67,9 @@ class AlignOptions(PipelineOptions):
                                  "there is none to reuse (the previous run's, copied into this run)")
 
 
-def settings(options: PipelineOptions) -> tuple[str, learned.AlignConfig]:
+def settings(options: PipelineOptions):
+    """(kind, models.align.AlignConfig) from the options; raises ContractError for impossible combinations."""
+    from models import align as learned
     o = options.view_as(AlignOptions)
     fusion = o.fusion or ("attention" if o.align == "contrastive" else "mean")
     if fusion == "attention" and o.align != "contrastive":
@@ -84,8 +90,9 @@ def settings(options: PipelineOptions) -> tuple[str, learned.AlignConfig]:
                                         epochs=o.align_epochs, seed=o.seed)
 
 
-def _catalog(rows: Sequence[dict], dims: dict[str, int]) -> learned.Catalog:
-    """Embeddings rows (any order) -> a Catalog in item_id order, NaN rows for absent modalities."""
+def _catalog(rows: Sequence[dict], dims: dict[str, int]):
+    """Embeddings rows (any order) -> a models.align.Catalog in item_id order, NaN rows for absent modalities."""
+    from models import align as learned
     rows = sorted(rows, key=lambda r: r["item_id"])
     features = {m: np.array([r[m] if r.get(m) is not None else [np.nan] * d for r in rows], np.float32)
                 for m, d in dims.items()}
@@ -93,10 +100,13 @@ def _catalog(rows: Sequence[dict], dims: dict[str, int]) -> learned.Catalog:
 
 
 def _publish(local: str, folder: str) -> str:
-    """Copy a local artifact folder to ``folder`` (local or gs://)."""
-    for name in sorted(shutil.os.listdir(local)):
-        with open(posixpath.join(local, name), "rb") as src, FileSystems.create(posixpath.join(folder, name)) as dst:
-            shutil.copyfileobj(src, dst)
+    """Copy a local artifact folder, recursively, to ``folder`` (local or gs://)."""
+    for parent, _, names in sorted(os.walk(local)):
+        for name in sorted(names):
+            source = os.path.join(parent, name)
+            with open(source, "rb") as src, \
+                    FileSystems.create(posixpath.join(folder, os.path.relpath(source, local))) as dst:
+                shutil.copyfileobj(src, dst)
     return folder
 
 
@@ -105,16 +115,16 @@ def _fetch(folder: str) -> str:
     local = tempfile.mkdtemp(prefix="mmfuse-alignment-")
     for m in FileSystems.match([posixpath.join(folder, "**")])[0].metadata_list:
         target = posixpath.join(local, posixpath.relpath(m.path, folder))
-        shutil.os.makedirs(posixpath.dirname(target), exist_ok=True)
+        os.makedirs(posixpath.dirname(target), exist_ok=True)
         with FileSystems.open(m.path) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst)
     return local
 
 
-def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modalities: Sequence[str],
-                    config: learned.AlignConfig) -> str:
+def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modalities: Sequence[str], config) -> str:
     """Fit on the whole catalog and its interactions (the last 10% of each user's for early stopping);
     save to ``folder``. Inputs are sorted first, so the fit does not depend on their arrival order."""
+    from models import align as learned
     dims = {m: next(len(r[m]) for r in rows if r.get(m) is not None)
             for m in modalities if any(r.get(m) is not None for r in rows)}
     catalog = _catalog(rows, dims)
@@ -126,8 +136,8 @@ def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modaliti
                             weight=np.ones(len(events), np.float32), user_ids=users, item_ids=catalog.item_ids)
     fit, val = ev.validation_split(inter)
     arrays = lambda x: (x.user, x.item, x.timestamp)
-    aligner = learned.fit_and_refit(catalog, arrays(fit), arrays(val), config)
     local = tempfile.mkdtemp(prefix="mmfuse-alignment-")
+    aligner = learned.fit_and_refit(catalog, arrays(fit), arrays(val), config, log_dir=os.path.join(local, "logs"))
     aligner.save(local)
     return _publish(local, folder)
 
@@ -143,6 +153,7 @@ class AlignHandler(ModelHandler[dict, dict, Any]):
         self._folder = model_path
 
     def load_model(self):
+        from models import align as learned
         return learned.load(_fetch(self._folder))
 
     def run_inference(self, batch: Sequence[dict], model, inference_args=None) -> Iterable[dict]:
@@ -164,7 +175,7 @@ def _reusable(previous: str | None, max_age_days: int | None, run_date: str, kin
     (None: any age; 0: never reuse)."""
     if previous is None or max_age_days == 0:
         return None
-    meta_path = posixpath.join(previous, ARTIFACT, learned.CONFIG_FILE)
+    meta_path = posixpath.join(previous, ARTIFACT, CONFIG_FILE)
     if not FileSystems.exists(meta_path):
         return None
     with FileSystems.open(meta_path) as f:
@@ -178,7 +189,7 @@ def _reusable(previous: str | None, max_age_days: int | None, run_date: str, kin
 
 def _stamp(folder: str, run_date: str) -> str:
     """Record the fit date in the artifact's config (weekly refits compare against it)."""
-    path = posixpath.join(folder, learned.CONFIG_FILE)
+    path = posixpath.join(folder, CONFIG_FILE)
     with FileSystems.open(path) as f:
         meta = json.load(f)
     meta.setdefault("fitted_on", run_date)
@@ -200,6 +211,7 @@ def artifact(job: Job, options: PipelineOptions, rows, interactions, modalities:
         fitted = (job.pipeline | "PreviousAlignment" >> beam.Create([reuse])
                   | "CopyIn" >> beam.Map(lambda src: _publish(_fetch(src), folder)))
     elif kind == "pca":
+        from transforms.pca import FitPca
         dims = modality_dims(options, list(modalities))
         meta = dataclasses.asdict(config)
         fitted = (rows
@@ -257,9 +269,12 @@ def _aligned(item: dict):
             "none of the item's modalities is known to the alignment (fitted before they existed)", ""))
 
 
-def fit_pca_local(catalog: learned.Catalog, dim: int):
-    """The statistical alignment fitted on an in-memory catalog by a local Beam pipeline (for evaluation)."""
+def fit_pca_local(catalog, dim: int):
+    """The statistical alignment fitted on an in-memory models.align.Catalog by a local Beam pipeline (for
+    evaluation)."""
     import runners
+    from models import align as learned
+    from transforms.pca import FitPca
     folder = tempfile.mkdtemp(prefix="mmfuse-pca-")
     dims = {m: v.shape[1] for m, v in catalog.features.items()}
     rows = [{"item_id": str(item), **{m: None if np.isnan(v[i]).any() else v[i] for m, v in catalog.features.items()}}

@@ -10,7 +10,6 @@ import string
 import sys
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.registry import MODALITIES, factory
@@ -21,7 +20,7 @@ from transforms import embed, media
 from transforms.contract import CatalogColumns, ContractError
 from transforms.deadletter import DEAD
 from transforms.parquet import ReadRows, plan
-from transforms.runs import is_complete, latest_complete
+from transforms.runs import has_dataset, is_complete, latest_complete
 
 
 def fetch_media(job: Job, options: PipelineOptions, items, kinds: list[str]):
@@ -107,7 +106,7 @@ def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
     previous = previous_run(options)
     job.report["previous"] = previous
     before = None
-    if previous and FileSystems.exists(f"{previous}/embeddings"):
+    if previous and has_dataset(previous, "embeddings"):
         work, _ = plan(f"{previous}/embeddings", lambda f, c: None)
         wanted = ["item_id"] + [c for m in chosen for c in (m, f"{m}_hash")]
         before = job.pipeline | "ReadPrevious" >> ReadRows(work, wanted) | "Rows" >> beam.Values()

@@ -83,6 +83,11 @@ def run_job(name: str, build: Callable[[Job, PipelineOptions], None], argv: list
     except ContractError as e:
         print(f"mmfuse {name}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a scheduler wants one line; the log above has the traceback
+        logging.exception("mmfuse %s failed", name)
+        print(f"mmfuse {name}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr)
+        return 1
     if FileSystems.exists(f"{run.final}/{METRICS}"):
         with FileSystems.open(f"{run.final}/{METRICS}") as f:
             print(summary(name, run.final, json.load(f)))

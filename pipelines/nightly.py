@@ -13,8 +13,19 @@ from pipelines.job import Job, run_job
 from pipelines.options import require
 
 
+class NightlyOptions(PipelineOptions):
+    """How long dated runs are kept."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--keep_days", type=int, default=None,
+                            help="Once a run is complete, remove runs and staging dated more than this many days "
+                                 "before --run_date; the newest complete run always stays (default: keep all)")
+
+
 def build(job: Job, options: PipelineOptions) -> None:
     require(options, "interactions")
+    job.run.keep_days = options.view_as(NightlyOptions).keep_days  # the commit prunes, on any runner
     items, columns = ingest.read_catalog(job, options)
     interactions = ingest.read_interactions(job, options, items)
     rows, modalities = encode.encode(job, options, items, columns)

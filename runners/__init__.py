@@ -1,4 +1,8 @@
-"""How each engine is configured. Pipelines never name a runner; ``create_pipeline`` picks it from options."""
+"""How each engine is configured. Pipelines never name a runner; ``create_pipeline`` picks it from options.
+
+``runners.dataflow`` and ``runners.portable`` (Flink) build the options of the production engines; other
+runner names go to Beam as given.
+"""
 from __future__ import annotations
 
 import apache_beam as beam

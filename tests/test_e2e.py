@@ -41,6 +41,29 @@ def test_multi_process_run_equals_in_memory_run(demo, tmp_path):
                 np.testing.assert_allclose(value, rb[column], rtol=1e-5, atol=1e-6)
             else:
                 assert value == rb[column], (ra["item_id"], column)
+    # The alignment is fitted on sorted inputs in one step, so it does not depend on the runner either.
+    a, b = (sorted_rows(dataset(run, "items"), "item_id") for run in (in_memory, multi))
+    assert [r["item_id"] for r in a] == [r["item_id"] for r in b] == sorted(r["item_id"] for r in a)
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose(ra["vector"], rb["vector"], atol=1e-4)
+        assert dict(ra["weights"]).keys() == dict(rb["weights"]).keys()
+
+
+def test_items_are_fused_from_present_modalities(demo, tmp_path):
+    run = _nightly(demo, tmp_path / "out")
+    report = metrics(run)
+    assert report["stages"]["align"] == {"in": 120, "out": 120, "dead": 0}
+    assert report["alignment"]["kind"] == "contrastive" and report["alignment"]["reused_from"] is None
+    embeddings = {r["item_id"]: r for r in dataset(run, "embeddings").to_pylist()}
+    for item in dataset(run, "items").to_pylist():
+        weights, parts = dict(item["weights"]), dict(item["parts"])
+        has = {m for m in ("text", "image", "audio_mfcc", "features") if embeddings[item["item_id"]][m] is not None}
+        assert has <= set(weights) <= has | {"cf"}, item["item_id"]
+        assert sum(weights.values()) == pytest.approx(1.0, abs=1e-5)
+        vector = np.asarray(item["vector"])
+        assert len(vector) == 64 and np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(np.sum([parts[m] for m in weights], axis=0), vector, atol=1e-5)
+    assert (run / "alignment" / "alignment.keras").exists() and (run / "alignment" / "alignment.json").exists()
 
 
 def test_killed_run_leaves_no_success_and_rerun_replaces_it(demo, tmp_path):
