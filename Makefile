@@ -45,6 +45,7 @@ $(VENV)-bench/.installed: bench/requirements-peers.txt requirements-weights.txt
 
 bench: install $(VENV)-bench/.installed
 	$(BIN)/python -m bench.encoders
+	$(BIN)/python -m bench.topk
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -31,6 +31,7 @@ REQUIRES = [
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "scipy==1.17.1",
+    "tensorboard==2.21.0",  # the alignment's training logs (TensorFlow 2.21 no longer pulls it in)
 ]
 
 

@@ -156,7 +156,7 @@ class AlignConfig:
     temperature: float = 0.05
     modality_dropout: float = 0.3
     history: int = 30  # most recent earlier items forming a training user's history
-    users_per_batch: int = 256
+    users_per_batch: int = 1024  # each step embeds every item its examples touch: big batches amortise it
     epochs: int = 40
     patience: int = 3
     learning_rate: float = 2e-3

@@ -1,4 +1,4 @@
-"""The nightly job: ingest, encode, align and fuse, and (as its issue lands) recommend, into one dated run.
+"""The nightly job: ingest, encode, align and fuse, recommend, into one dated run.
 
     mmfuse nightly --catalog=PATH --interactions=PATH --output=ROOT [--run_date=YYYY-MM-DD] [Beam options]
 """
@@ -8,7 +8,7 @@ import sys
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import align, encode, ingest
+from pipelines import align, encode, ingest, recommend
 from pipelines.job import Job, run_job
 from pipelines.options import require
 
@@ -29,7 +29,8 @@ def build(job: Job, options: PipelineOptions) -> None:
     items, columns = ingest.read_catalog(job, options)
     interactions = ingest.read_interactions(job, options, items)
     rows, modalities = encode.encode(job, options, items, columns)
-    align.align(job, options, rows, interactions, modalities)
+    items = align.align(job, options, rows, interactions, modalities)
+    recommend.recommend(job, options, items, interactions)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,10 @@ pytestmark = pytest.mark.slow
 
 
 def _night(paths, out, date, catalog=None):
+    # The first night fits the alignment briefly (its quality is pipelines/evaluate.py's business); later
+    # nights reuse that artifact, as a nightly schedule with --refit=never|weekly does.
     assert nightly.main([f"--catalog={catalog or paths['catalog']}", f"--interactions={paths['interactions']}",
-                         f"--output={out}", f"--run_date={date}"]) == 0
+                         f"--output={out}", f"--run_date={date}", "--align_epochs=3", "--refit=never"]) == 0
     return out / date
 
 
@@ -36,7 +38,19 @@ def test_movielens_nights(tmp_path):
     embeddings = dataset(first, "embeddings")
     assert len(embeddings) == 9742 and embeddings.column("image").null_count == 9742 - 2947
 
+    assert stages["align"] == {"in": 9742, "out": 9742, "dead": 0}
+    # Every user (all 610 have a history) gets 20 ranked unseen items; every item its similar items.
+    assert stages["recommend"] == {"in": 610, "out": 610, "dead": 0}
+    recommendations = dataset(first, "recommendations")
+    assert len(recommendations) == 610 * 20
+    seen = set(zip(*(pq.read_table(paths["interactions"], columns=["user_id", "item_id"])[c].to_pylist()
+                     for c in ("user_id", "item_id"))))
+    assert not seen & set(zip(recommendations["user_id"].to_pylist(), recommendations["item_id"].to_pylist()))
+    assert len(set(dataset(first, "similar_items")["item_id"].to_pylist())) == 9742
+    assert report["alignment"]["reused_from"] is None
+
     second = metrics(_night(paths, out, "2026-11-26"))
+    assert second["alignment"]["reused_from"] == str(first / "alignment")
     assert second["modalities"]["text"] == {"encoded": 0, "reused": 9742, "dead": 0}
     assert second["modalities"]["image"] == {"encoded": 0, "reused": 2947, "dead": 0}
 

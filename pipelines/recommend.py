@@ -1,0 +1,152 @@
+"""Recommend: user vectors, each user's top-k unseen items and each item's most similar items.
+
+Called by the nightly job after fusion with the fused ``items`` (dicts with ``item_id``, ``vector``,
+``weights``, ``parts``) and the valid interactions; writes three datasets:
+
+- ``users``: user_id, vector (null for fallback users), n_interactions (how many built the vector),
+  fallback (True: no usable history, so the user gets the most popular recent items);
+- ``recommendations``: user_id, rank (1 = best), item_id, score, contributions (modality -> its share of
+  the score; they sum to the score). Fallback users' rows have score = the item's share of recent
+  interactions and contributions ``{"popularity": score}``;
+- ``similar_items``: item_id, rank, similar_item_id, score, contributions (as above, for the item as query).
+
+Both rankings are exact (``transforms.topk``): no approximate index, ties broken by item id. A user who has
+seen every item, or an item alone in the catalogue, gets no rows and a dead letter saying so.
+"""
+from __future__ import annotations
+
+import math
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.job import Job
+from transforms import topk
+from transforms.contract import ContractError
+from transforms.deadletter import dead_letter
+from transforms.users import RecentPopular, UserVectors, Weighting
+
+POPULARITY = "popularity"
+_CONTRIBUTIONS = pa.map_(pa.string(), pa.float32())
+USERS = pa.schema([("user_id", pa.string()), ("vector", pa.list_(pa.float32())),
+                   ("n_interactions", pa.int64()), ("fallback", pa.bool_())])
+RECOMMENDATIONS = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
+                             ("score", pa.float32()), ("contributions", _CONTRIBUTIONS)])
+SIMILAR_ITEMS = pa.schema([("item_id", pa.string()), ("rank", pa.int32()), ("similar_item_id", pa.string()),
+                           ("score", pa.float32()), ("contributions", _CONTRIBUTIONS)])
+
+
+class RecommendOptions(PipelineOptions):
+    """How user vectors are built and how many recommendations and similar items are written."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--top_k", type=int, default=20, help="Recommendations per user")
+        parser.add_argument("--similar_k", type=int, default=20, help="Similar items per item")
+        parser.add_argument("--event_weights", default="",
+                            help="Weight of each event type in a user vector, e.g. view:1,click:2,purchase:5; "
+                                 "other events (and a missing event) weigh --default_event_weight")
+        parser.add_argument("--default_event_weight", type=float, default=1.0,
+                            help="Weight of events not named in --event_weights")
+        parser.add_argument("--use_rating", default="true", choices=["true", "false"],
+                            help="Multiply each interaction by its weight column (e.g. the rating) when present")
+        parser.add_argument("--recency_half_life_days", type=float, default=0.0,
+                            help="An interaction this many days older than the user's newest counts half; "
+                                 "0: no decay")
+        parser.add_argument("--last_n_interactions", type=int, default=0,
+                            help="Build a user's vector from their newest N interactions only; 0: all")
+        parser.add_argument("--popular_days", type=float, default=30.0,
+                            help="Fallback for users without usable history: the items with the most "
+                                 "interactions in this many days before the newest interaction")
+        parser.add_argument("--user_batch_size", type=int, default=topk.USER_BATCH,
+                            help="Queries (users, or items for similar items) scored per task")
+        parser.add_argument("--item_shard_size", type=int, default=topk.ITEM_SHARD,
+                            help="Items per shard: no worker holds more than one shard and one query batch")
+
+
+def weighting(options: PipelineOptions) -> Weighting:
+    o = options.view_as(RecommendOptions)
+    events = {}
+    for part in (p.strip() for p in o.event_weights.split(",") if p.strip()):
+        name, _, value = part.partition(":")
+        try:
+            events[name] = float(value)
+        except ValueError:
+            raise ContractError(f"--event_weights: expected EVENT:NUMBER items, got {part!r}") from None
+    for name, value in (("--top_k", o.top_k), ("--similar_k", o.similar_k), ("--user_batch_size", o.user_batch_size),
+                        ("--item_shard_size", o.item_shard_size)):
+        if value < 1:
+            raise ContractError(f"{name} must be a positive integer, got {value}")
+    if o.recency_half_life_days < 0 or o.last_n_interactions < 0 or o.popular_days <= 0:
+        raise ContractError("--recency_half_life_days and --last_n_interactions must be >= 0, --popular_days > 0")
+    return Weighting(events, o.default_event_weight, o.use_rating == "true", o.recency_half_life_days * 86400.0,
+                     o.last_n_interactions)
+
+
+def recommend(job: Job, options: PipelineOptions, items, interactions) -> None:
+    """Write ``users``, ``recommendations`` and ``similar_items`` from fused items and interactions."""
+    o = options.view_as(RecommendOptions)
+    users = {"interactions": interactions, "items": items} | "UserVectors" >> UserVectors(weighting(options))
+    personal, fallback = users | "Fallback?" >> beam.Partition(lambda u, _: int(u["fallback"]), 2)
+    job.count("users", "users", personal=personal, fallback=fallback)
+    job.write("users", users | "UserRows" >> beam.Map(_user_row), USERS)
+
+    queries = personal | "UserQueries" >> beam.Map(lambda u: (u["user_id"], u["vector"], u["seen"]))
+    ranked = {"queries": queries, "items": items} | "RecommendTopK" >> topk.TopK(
+        o.top_k, o.user_batch_size, o.item_shard_size)
+    allowed = items | "PopularAllowedIds" >> beam.Map(lambda i: i["item_id"])
+    popular = ({"interactions": interactions, "allowed": allowed}
+               | "PopularItems" >> RecentPopular(o.popular_days * 86400.0, o.top_k + 1000))
+    popular_ranked = fallback | "PopularForFallback" >> beam.FlatMap(
+        _popular, beam.pvalue.AsSingleton(popular, default_value=[]), o.top_k)
+    all_ranked = (ranked, popular_ranked) | "AllRecommendations" >> beam.Flatten()
+    _ranked_stage(job, "recommend", users | "RecommendUserIds" >> beam.Map(lambda u: u["user_id"]), all_ranked,
+                  "nothing_to_recommend", "the user has interacted with every item that has a vector")
+    job.write("recommendations", all_ranked | "RecommendationRows" >> beam.FlatMap(_rows, "user_id", "item_id"),
+              RECOMMENDATIONS)
+
+    item_queries = items | "SimilarQueries" >> beam.Map(lambda i: (i["item_id"], i["vector"], [i["item_id"]]))
+    similar = {"queries": item_queries, "items": items} | "SimilarTopK" >> topk.TopK(
+        o.similar_k, o.user_batch_size, o.item_shard_size)
+    _ranked_stage(job, "similar_items", items | "SimilarItemIds" >> beam.Map(lambda i: i["item_id"]), similar,
+                  "no_other_items", "the catalogue has no other item with a vector")
+    job.write("similar_items", similar | "SimilarRows" >> beam.FlatMap(_rows, "item_id", "similar_item_id"),
+              SIMILAR_ITEMS)
+
+
+def _ranked_stage(job: Job, stage: str, ids, ranked, error: str, message: str) -> None:
+    """Count the stage: every query id is ranked (out) or dead-lettered with why it got nothing."""
+    joined = ({"id": ids | f"{stage} keys" >> beam.Map(lambda i: (i, None)),
+               "ranked": ranked | f"{stage} ranked keys" >> beam.Keys() | f"{stage} ranked" >> beam.Map(
+                   lambda i: (i, None))}
+              | f"{stage} join" >> beam.CoGroupByKey())
+    dead = joined | f"{stage} unranked" >> beam.FlatMap(
+        lambda j: [] if j[1]["ranked"] else [dead_letter(stage, j[0], error, message, None)])
+    job.stage(stage, ids, ranked, dead)
+
+
+def _user_row(user: dict) -> dict:
+    vector = user["vector"]
+    return {"user_id": user["user_id"], "vector": None if vector is None else vector.tolist(),
+            "n_interactions": user["n_interactions"], "fallback": user["fallback"]}
+
+
+def _popular(user: dict, popular: list, k: int):
+    """The most popular recent items the user has not seen, as a ranking whose one contribution is
+    popularity."""
+    seen = set(user["seen"])
+    best = [(item, share) for item, share in popular if item not in seen][:k]
+    if best:
+        scores = np.array([s for _, s in best], dtype=np.float32)
+        yield user["user_id"], topk.Ranked(user["user_id"], np.array([i for i, _ in best]), scores,
+                                           (POPULARITY,), scores[:, None])
+
+
+def _rows(ranked, query_column: str, item_column: str):
+    query, r = ranked
+    for rank, (item, score, contributions) in enumerate(zip(r.item_ids.tolist(), r.scores.tolist(),
+                                                            r.contributions.tolist()), start=1):
+        yield {query_column: query, "rank": rank, item_column: item, "score": score,
+               "contributions": {m: c for m, c in zip(r.modalities, contributions) if not math.isnan(c)}}

@@ -1,0 +1,103 @@
+"""Exact top-k: the numpy kernel and the sharded Beam transform against a brute-force numpy reference."""
+
+import pickle
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+from models import topk
+from transforms.topk import TopK
+
+
+def reference(queries, items, k, excluded, item_ids):
+    """Score every pair, drop the excluded, order by (score desc, item id asc), keep k."""
+    scores = queries @ items.T
+    out = []
+    for row, banned in enumerate(excluded):
+        s = scores[row].copy()
+        s[list(banned)] = -np.inf
+        order = [c for c in np.lexsort((item_ids, -s)) if s[c] > -np.inf][:k]
+        out.append((order, s[order]))
+    return out
+
+
+def data(rng, n_queries, n_items, dim, integer=False):
+    q = rng.standard_normal((n_queries, dim)).astype(np.float32)
+    x = rng.standard_normal((n_items, dim)).astype(np.float32)
+    if integer:  # small integers: dot products are exact, so many scores tie exactly
+        q, x = np.round(q), np.round(x)
+    return q, x
+
+
+@pytest.mark.parametrize("n_queries,n_items,dim,k", [(40, 3000, 16, 5), (300, 5000, 8, 20), (7, 9, 4, 5),
+                                                     (64, 2048, 3, 20), (5, 1500, 64, 1)])
+@pytest.mark.parametrize("integer", [False, True])
+@pytest.mark.parametrize("n_excluded", [0, 50])
+def test_kernel_equals_brute_force(n_queries, n_items, dim, k, integer, n_excluded):
+    rng = np.random.default_rng(n_queries * n_items + dim)
+    q, x = data(rng, n_queries, n_items, dim, integer)
+    excluded = [rng.choice(n_items, min(n_excluded, n_items), replace=False) for _ in range(n_queries)]
+    excluded[0] = np.arange(n_items)  # a query that may get nothing
+    rows = np.repeat(np.arange(n_queries), [len(e) for e in excluded])
+    columns, scores = topk.top_k(q, x, k, (rows, np.concatenate(excluded)), rows_per_block=32)
+    for row, (want, want_scores) in enumerate(reference(q, x, k, excluded, np.arange(n_items))):
+        assert columns[row, :len(want)].tolist() == list(want)
+        assert (columns[row, len(want):] == -1).all() and (scores[row, len(want):] == -np.inf).all()
+        np.testing.assert_allclose(scores[row, :len(want)], want_scores, rtol=1e-5, atol=1e-5)
+        assert not set(columns[row].tolist()) & set(excluded[row].tolist())
+    assert (columns[0] == -1).all()
+
+
+def test_kernel_ties_break_by_column():
+    columns, scores = topk.top_k(np.ones((2, 2)), np.zeros((3000, 2)), 4, (np.array([1]), np.array([0])))
+    assert columns.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4]] and (scores == 0).all()
+
+
+def test_id_hash_is_fnv1a():
+    # Published FNV-1a 64-bit test vectors: the hash must not depend on the process (unlike hash()).
+    assert topk.id_hash(["", "a", "foobar"]).tolist() == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C,
+                                                          0x85944171F73967E8]
+    assert topk.id_hash(["é"]).tolist() == topk.id_hash(["é", "x"]).tolist()[:1]
+
+
+def run_topk(tmp_path, queries, items, k, batch, shard):
+    """Run TopK on the FnApiRunner; returns {query_id: Ranked}."""
+    out = tmp_path / f"ranked-{batch}-{shard}.pkl"
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        ranked = ({"queries": p | "Queries" >> beam.Create(queries), "items": p | "Items" >> beam.Create(items)}
+                  | TopK(k, batch, shard))
+        _ = ranked | beam.combiners.ToList() | beam.Map(lambda r: out.write_bytes(pickle.dumps(r)))
+    return dict(pickle.loads(out.read_bytes())) if out.exists() else {}
+
+
+@pytest.mark.parametrize("n_queries,n_items,dim,k,n_excluded", [(300, 2500, 8, 10, 30), (50, 40, 4, 20, 0),
+                                                                (120, 1500, 16, 5, 0)])
+def test_sharded_transform_equals_brute_force(tmp_path, n_queries, n_items, dim, k, n_excluded):
+    rng = np.random.default_rng(n_items)
+    q, x = data(rng, n_queries, n_items, dim, integer=n_items == 40)
+    share = rng.uniform(0, 1, (n_items, 1)).astype(np.float32)
+    item_ids = np.array([f"i{j}" for j in range(n_items)])  # string order differs from number order
+    items = [{"item_id": item_ids[j], "vector": x[j],
+              "parts": {"text": share[j] * x[j], "image": x[j] - share[j] * x[j]} if j % 3 else {"text": x[j]}}
+             for j in range(n_items)]
+    excluded = [rng.choice(n_items, n_excluded, replace=False) for _ in range(n_queries)]
+    queries = [(f"u{i}", q[i], item_ids[excluded[i]].tolist()) for i in range(n_queries)]
+    got = run_topk(tmp_path, queries, items, k, batch=64, shard=700)
+    assert len(got) == n_queries
+    for i, (want, want_scores) in enumerate(reference(q, x, k, excluded, item_ids)):
+        r = got[f"u{i}"]
+        assert r.item_ids.tolist() == item_ids[want].tolist()
+        np.testing.assert_allclose(r.scores, want_scores, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.nansum(r.contributions, axis=1), r.scores, rtol=1e-4, atol=1e-5)
+        image = r.contributions[:, r.modalities.index("image")]
+        assert np.isnan(image).tolist() == [int(item[1:]) % 3 == 0 for item in r.item_ids.tolist()]
+    whole = run_topk(tmp_path, queries, items, k, batch=10_000, shard=10_000)
+    assert {u: r.item_ids.tolist() for u, r in whole.items()} == {u: r.item_ids.tolist() for u, r in got.items()}
+
+
+def test_transform_refuses_vectors_of_different_lengths(tmp_path):
+    items = [{"item_id": "a", "vector": np.ones(4), "parts": {}}, {"item_id": "b", "vector": np.ones(3), "parts": {}}]
+    with pytest.raises(Exception, match="vectors of different lengths"):
+        run_topk(tmp_path, [("u", np.ones(4), [])], items, 2, 10, 10)
