@@ -7,7 +7,6 @@ from collections import defaultdict
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import encode, ingest, recommend
 from pipelines.job import execute
