@@ -72,7 +72,7 @@ class AlignmentModel(keras.Model):
     Output: ``{"aligned": (n, M, dim) unit vectors, "weights": (n, M), "fused": (n, dim), "parts": ...}``."""
 
     def __init__(self, dims: dict, dim: int = 64, hidden: int = 256, n_cf: int = 0, fusion: str = "attention",
-                 logits: Sequence[float] | None = None, temperature: float = 0.05, **kwargs):
+                 logits: Sequence[float] | None = None, temperature: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.dims, self.dim, self.hidden, self.n_cf = dict(dims), dim, hidden, n_cf
         self.fusion, self.temperature = fusion, temperature
@@ -109,10 +109,12 @@ class AlignmentModel(keras.Model):
         return {"aligned": aligned, "weights": weights, "fused": fused, "parts": parts}
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """Contrastive loss between modalities of the batch's ``contrast`` items plus the interaction loss
-        between each user's ``history`` (indices into the batch, -1 padded) and ``target``."""
-        aligned, mask = y_pred["aligned"], ops.cast(x["mask"], "float32")
+        """Contrastive loss between modalities of the batch's first items (``contrast`` marks the real
+        ones among them) plus the interaction loss between each user's ``history`` (indices into the batch,
+        -1 padded) and ``target``."""
         contrast = ops.cast(x["contrast"], "float32")
+        n = ops.shape(contrast)[0]  # only these rows enter the (n x n) contrastive logits: they dominate a step
+        aligned, mask = y_pred["aligned"][:n], ops.cast(x["mask"], "float32")[:n]
         total, pairs = 0.0, 0
         for a in range(len(self.modalities)):
             for b in range(a + 1, len(self.modalities)):
@@ -125,9 +127,12 @@ class AlignmentModel(keras.Model):
         taken = ops.cast(history >= 0, "float32")
         users = ops.sum(ops.take(fused, ops.maximum(history, 0), axis=0) * taken[..., None], axis=1)
         users = users / ops.maximum(ops.sqrt(ops.sum(users * users, axis=-1, keepdims=True)), 1e-12)
-        targets = x["target"]  # (B,) row of each user's next item; scored against every contrast item
+        # (B,) row of each user's next item, scored against every item of the step (padding rows have no
+        # modality): close to the whole catalogue, so popular items are not over-used as negatives the way
+        # in-batch targets alone would use them.
+        targets = x["target"]
         logits = ops.matmul(users, ops.transpose(fused)) / self.temperature
-        logits = ops.where(contrast[None, :] > 0, logits, -1e9)
+        logits = ops.where(ops.sum(ops.cast(x["mask"], "float32"), axis=-1)[None, :] > 0, logits, -1e9)
         per_user = ops.logsumexp(logits, axis=-1) - ops.take_along_axis(logits, targets[:, None], 1)[:, 0]
         interaction = ops.sum(per_user) / ops.maximum(ops.cast(ops.shape(targets)[0], "float32"), 1.0)
         return (total / max(pairs, 1) if pairs else 0.0) + interaction
@@ -153,7 +158,7 @@ class AlignConfig:
     fusion: str = "attention"
     fusion_weights: dict = dataclasses.field(default_factory=dict)
     collaborative: bool = True  # learn the cf modality for items seen in training interactions
-    temperature: float = 0.05
+    temperature: float = 0.1
     modality_dropout: float = 0.3
     history: int = 30  # most recent earlier items forming a training user's history
     users_per_batch: int = 1024  # each step embeds every item its examples touch: big batches amortise it
@@ -234,8 +239,8 @@ class Aligner:
 class _Batches(keras.utils.PyDataset):
     """Training steps: a batch of (history, next item) examples and the items they touch.
 
-    Each step's items are the targets (also the contrastive batch and the interaction loss's in-batch
-    negatives, deduplicated) followed by the history items; each item's modalities are dropped at random
+    Each step's items are the targets (deduplicated: the contrastive batch) followed by the history items,
+    all of them negatives of the interaction loss; each item's modalities are dropped at random
     (keeping one) when training. Every step is a pure function of (seed, epoch, step): reproducible.
     """
 
@@ -269,8 +274,10 @@ class _Batches(keras.utils.PyDataset):
         unique_targets, target_slot = np.unique(targets, return_inverse=True)
         extra = np.setdiff1d(np.unique(histories[histories >= 0]), unique_targets)
         items = np.concatenate([unique_targets, extra])
-        # Pad to a multiple of PAD_ITEMS (absent rows, outside the contrast set): few shapes, few retraces.
-        items = np.concatenate([items, np.full(-len(items) % PAD_ITEMS, items[0])])
+        # Pad to a multiple of PAD_ITEMS, and to at least the contrastive rows (absent rows, outside the
+        # contrast set): few shapes, few retraces.
+        size = max(c.users_per_batch, len(items) + (-len(items) % PAD_ITEMS))
+        items = np.concatenate([items, np.full(size - len(items), items[0])])
         slot = np.full(len(self.inputs["mask"]), -1, np.int64)
         slot[items[::-1]] = np.arange(len(items))[::-1]  # an item's first row (padding repeats items[0])
         history = np.where(histories >= 0, slot[np.maximum(histories, 0)], -1)
@@ -281,7 +288,7 @@ class _Batches(keras.utils.PyDataset):
         if not len(self.targets):
             target_slot = np.zeros(0, np.int64)
         batch.update(history=history.astype(np.int32), target=target_slot.astype(np.int32),
-                     contrast=(np.arange(len(items)) < len(unique_targets)).astype(np.float32))
+                     contrast=(np.arange(c.users_per_batch) < len(unique_targets)).astype(np.float32))
         return batch
 
 

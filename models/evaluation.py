@@ -204,6 +204,17 @@ def evaluate_cold(scores: Scores, test: Interactions, held_out: np.ndarray,
     return {key: result[key] for key in ("recall@20", "ndcg@20")}
 
 
+def cross_modal_recall(queries: np.ndarray, targets: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Recall@k of retrieving each item's own ``targets`` row (e.g. its poster) from its ``queries`` row (its
+    text) among all the rows, by cosine; rows are items that have both. Chance is k / n: an aligned space
+    puts an item's modalities near each other, unaligned spaces are not even comparable."""
+    q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    t = targets / np.maximum(np.linalg.norm(targets, axis=1, keepdims=True), 1e-12)
+    scores = q @ t.T
+    rank = (scores > np.diag(scores)[:, None]).sum(1)  # how many other items beat its own
+    return {f"recall@{k}": float((rank < k).mean()), "chance": min(k, len(q)) / max(len(q), 1), "items": len(q)}
+
+
 class MostPopular:
     """Items by number of training interactions: the floor a personalised model must clear."""
 

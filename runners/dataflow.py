@@ -13,11 +13,11 @@ this checkout's code on top of it.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import shlex
 import sys
 from pathlib import Path
+
+from runners import cli
 
 SETUP_FILE = str(Path(__file__).resolve().parent.parent / "setup.py")
 
@@ -72,19 +72,7 @@ class DataflowJob:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the Dataflow options as shell words, to splice into an ``mmfuse nightly`` command line."""
-    parser = argparse.ArgumentParser(prog="python -m runners.dataflow", description=main.__doc__)
-    for field in dataclasses.fields(DataflowJob):
-        if field.default is dataclasses.MISSING:
-            parser.add_argument(f"--{field.name}", required=True)
-        else:
-            parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
-    try:
-        job = DataflowJob(**vars(parser.parse_args(argv)))
-    except ValueError as e:
-        parser.error(str(e))
-    print(" ".join(shlex.quote(a) for a in job.args()))
-    return 0
+    return cli.print_args(DataflowJob, argv, "python -m runners.dataflow")
 
 
 if __name__ == "__main__":

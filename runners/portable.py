@@ -16,11 +16,11 @@ names a local copy. Python stages run in SDK workers, chosen by the environment 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import shlex
 import sys
+
+from runners import cli
 
 ENVIRONMENTS = ("DOCKER", "PROCESS", "EXTERNAL", "LOOPBACK")
 BOOT = "/opt/apache/beam/boot"  # where Beam's SDK images (and ours) keep the worker boot command
@@ -64,16 +64,7 @@ class PortableJob:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the portable-runner options as shell words, to splice into an ``mmfuse nightly`` command line."""
-    parser = argparse.ArgumentParser(prog="python -m runners.portable", description=main.__doc__)
-    for field in dataclasses.fields(PortableJob):
-        parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
-    try:
-        job = PortableJob(**vars(parser.parse_args(argv)))
-    except ValueError as e:
-        parser.error(str(e))
-    print(" ".join(shlex.quote(a) for a in job.args()))
-    return 0
+    return cli.print_args(PortableJob, argv, "python -m runners.portable")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,19 @@ def test_content_knn():
     assert np.array_equal(aligned[[0, 2]], [[1, 0], [1, 1]]) and np.isnan(aligned[[1, 3]]).all()
 
 
+def test_cross_modal_recall_counts_own_target_in_top_k():
+    rng = np.random.default_rng(0)
+    text = rng.standard_normal((200, 8))
+    same = ev.cross_modal_recall(text, 3 * text + 0.01 * rng.standard_normal((200, 8)))
+    assert same == {"recall@10": 1.0, "chance": 10 / 200, "items": 200}
+    # Unrelated spaces: about chance (10 / 200), far below an aligned one.
+    assert ev.cross_modal_recall(text, rng.standard_normal((200, 8)))["recall@10"] < 0.15
+    # Hand-made: item 0 finds its own target first; item 1's own target (-0.1 by cosine) loses to item 0's (0).
+    q = np.array([[1.0, 0.0], [0.0, 1.0]])
+    t = np.array([[1.0, 0.0], [1.0, -0.1]])
+    assert ev.cross_modal_recall(q, t, k=1)["recall@1"] == 0.5
+
+
 def test_als_is_seeded_and_tuned_on_validation():
     rng = np.random.default_rng(0)
     inter = _inter([(u, i) for u in range(30) for i in rng.choice(40, 10, replace=False)], 30, 40)
