@@ -164,7 +164,7 @@ class AlignConfig:
     users_per_batch: int = 1024  # each step embeds every item its examples touch: big batches amortise it
     epochs: int = 40
     patience: int = 3
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     seed: int = 0
 
 
