@@ -31,6 +31,8 @@ REQUIRES = [
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "scipy==1.17.1",
+    "numba==0.68.1",  # the top-k kernel's compiled selection (librosa needs it too)
+    "threadpoolctl==3.8.0",  # one BLAS thread per top-k task: tasks already run in parallel
     "tensorboard==2.21.0",  # the alignment's training logs (TensorFlow 2.21 no longer pulls it in)
 ]
 

@@ -1,24 +1,27 @@
 """Exact top-k by inner product over one block of queries x items, with exclusions and deterministic ties.
 
 At 64 dimensions a score costs about as much to select as to compute, so the selection never sorts or
-partitions whole score rows. The columns of a block are dealt into ``G`` strided groups and each row keeps
-only its group maxima (one vectorised pass); the k-th largest group maximum ``t`` is a lower bound of the
-row's k-th best score, because k distinct groups each hold a score >= t. Every score >= t therefore lies in
-one of the (about k) groups whose maximum is >= t, and only those few groups are gathered and compared with
-``t``. The survivors, usually little more than k per row, are ordered exactly: score descending, then
-column ascending. Callers order the item rows by item id, so column order is item-id order.
+partitions score rows. Scores are made by the BLAS in tiles small enough to stay in cache, and a compiled
+scan passes over each tile once, keeping every row's best k in order: a score enters only if it beats the
+row's current k-th, so almost every score costs one comparison (the way FAISS selects). Columns are
+scanned in ascending order and an equal score never displaces an earlier column, so ties go to the lower
+column; callers order the item rows by item id, so column order is item-id order. Excluded (row, column)
+pairs are looked up only for the few scores that would enter.
 """
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
+from numba import njit
+from threadpoolctl import threadpool_limits
 
-ROWS_PER_BLOCK = 256  # queries scored at once: a 256 x 16384 float32 block is 16 MiB
+ROWS_PER_TILE = 256      # a 256 x 2048 float32 tile is 2 MiB: it is still in cache when it is scanned
+COLUMNS_PER_TILE = 2048
 
 
 def top_k(queries: np.ndarray, items: np.ndarray, k: int,
           exclude: tuple[np.ndarray, np.ndarray] | None = None,
-          rows_per_block: int = ROWS_PER_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+          rows_per_tile: int = ROWS_PER_TILE, columns_per_tile: int = COLUMNS_PER_TILE
+          ) -> tuple[np.ndarray, np.ndarray]:
     """The best ``k`` item rows for every query row.
 
     ``exclude`` is ``(query_rows, item_rows)``: pairs that may never be returned (seen items, the query
@@ -36,88 +39,104 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int,
     scores = np.full((n, k), -np.inf, dtype=np.float32)
     if n == 0 or len(items) == 0:
         return columns, scores
-    ex_rows, ex_cols = (np.asarray(e, dtype=np.int64) for e in exclude) if exclude is not None else (None, None)
-    if ex_rows is not None:
-        order = np.argsort(ex_rows, kind="stable")
-        ex_rows, ex_cols = ex_rows[order], ex_cols[order]
+    ex_rows, ex_cols = (np.asarray(e, dtype=np.int64) for e in exclude) if exclude is not None else (
+        np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    order = np.lexsort((ex_cols, ex_rows))
+    starts = np.searchsorted(ex_rows[order], np.arange(n + 1))  # row r's excluded columns: starts[r]:starts[r + 1]
+    ex_cols = ex_cols[order]
     items_t = items.T
-    for start in range(0, n, rows_per_block):
-        stop = min(start + rows_per_block, n)
-        block = queries[start:stop] @ items_t
-        if ex_rows is not None:
-            lo, hi = np.searchsorted(ex_rows, [start, stop])
-            block[ex_rows[lo:hi] - start, ex_cols[lo:hi]] = -np.inf
-        rows, cols, vals = _select(block, k)
-        rank = _ranks(rows)
-        columns[start + rows, rank] = cols
-        scores[start + rows, rank] = vals
+    tile = np.empty((min(rows_per_tile, n), min(columns_per_tile, len(items))), dtype=np.float32)
+    with threadpool_limits(limits=1, user_api="blas"):  # a tile is too small to share: threads only wait
+        for r0 in range(0, n, rows_per_tile):
+            r1 = min(r0 + rows_per_tile, n)
+            for c0 in range(0, len(items), columns_per_tile):
+                c1 = min(c0 + columns_per_tile, len(items))
+                out = tile[:r1 - r0] if c1 - c0 == tile.shape[1] else np.empty((r1 - r0, c1 - c0), np.float32)
+                block = np.matmul(queries[r0:r1], items_t[:, c0:c1], out=out)  # C-contiguous: a faster scan
+                _scan(block, r0, c0, starts, ex_cols, scores, columns)
     return columns, scores
 
 
-def _select(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each row's best k entries as flat ``(row, column, score)``, sorted by row, score desc, column asc."""
-    n, s = block.shape
-    groups = _groups(s, k)
-    if groups is None:
-        rows, cols = np.nonzero(block > -np.inf)
-        return _best(rows, cols, block[rows, cols], k)
-    depth = s // groups  # full strided rows; the remaining tail columns are their own groups of one
-    strided = as_strided(block, shape=(n, depth, groups), strides=(block.strides[0], groups * 4, 4))
-    tail = block[:, depth * groups:]
-    maxima = np.concatenate([strided.max(axis=1), tail], axis=1)
-    kth = np.partition(maxima, maxima.shape[1] - k, axis=1)[:, maxima.shape[1] - k]
-    # A row with fewer than k allowed items has kth == -inf; its -inf entries are dropped below.
-    hit_rows, hit_groups = np.nonzero(maxima >= kth[:, None])
-    in_tail = hit_groups >= groups
-    g_rows, g = hit_rows[~in_tail], hit_groups[~in_tail]
-    cols = g[:, None] + groups * np.arange(depth)
-    vals = np.take(block.reshape(-1), (g_rows * s)[:, None] + cols)
-    keep = (vals >= kth[g_rows, None]) & (vals > -np.inf)
-    t_rows, t_cols = hit_rows[in_tail], hit_groups[in_tail] - groups + depth * groups
-    t_vals = block[t_rows, t_cols]
-    t_keep = t_vals > -np.inf
-    rows = np.concatenate([np.broadcast_to(g_rows[:, None], cols.shape)[keep], t_rows[t_keep]])
-    return _best(rows, np.concatenate([cols[keep], t_cols[t_keep]]),
-                 np.concatenate([vals[keep], t_vals[t_keep]]), k)
+@njit(cache=True, nogil=True)
+def _scan(block, r0, c0, starts, ex_cols, scores, columns):  # pragma: no cover - compiled
+    """Fold the tile's scores (rows r0.., columns c0..) into each row's best k, kept ordered."""
+    k = scores.shape[1]
+    for i in range(block.shape[0]):
+        r = r0 + i
+        best, cols = scores[r], columns[r]
+        kth = best[k - 1]
+        lo, hi = starts[r], starts[r + 1]
+        for j in range(block.shape[1]):
+            v = block[i, j]
+            if v > kth:  # -inf never enters, and an equal score never displaces an earlier column
+                c = c0 + j
+                a, b = lo, hi  # is (r, c) excluded? binary search of the row's sorted excluded columns
+                while a < b:
+                    m = (a + b) // 2
+                    if ex_cols[m] < c:
+                        a = m + 1
+                    else:
+                        b = m
+                if a < hi and ex_cols[a] == c:
+                    continue
+                p = k - 1
+                while p > 0 and best[p - 1] < v:
+                    best[p], cols[p] = best[p - 1], cols[p - 1]
+                    p -= 1
+                best[p], cols[p] = v, c
+                kth = best[k - 1]
 
 
-def _groups(columns: int, k: int) -> int | None:
-    """How many strided groups a row of ``columns`` scores is dealt into; None when a row is small enough
-    to order whole. Many groups make the k-th group maximum a tight bound (few survivors); few groups make
-    finding it cheap. A group count of about sqrt(columns * k) balances the two."""
-    if columns <= 8 * k or columns < 1024:
-        return None
-    return int(min(columns // 4, max(4 * k, 2 ** round(np.log2(np.sqrt(columns * k))))))
-
-
-def _best(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, k: int):
-    """The first k of each row after ordering by (row, score desc, column asc)."""
-    order = np.lexsort((cols, -vals, rows))
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    keep = _ranks(rows) < k
-    return rows[keep], cols[keep], vals[keep]
-
-
-def _ranks(rows: np.ndarray) -> np.ndarray:
-    """Position of each entry within its run of equal (sorted) row numbers."""
-    if len(rows) == 0:
-        return rows
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-    return np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+@njit(cache=True, nogil=True, fastmath=True)
+def contributions(queries, parts, has, columns):  # pragma: no cover - compiled
+    """``out[b, j, m]`` = <query b, part m of item ``columns[b, j]``>: what each modality adds to the
+    score; NaN where the item lacks the modality or the slot is empty (column -1). Summed in any order
+    (vectorised): a contribution is an explanation, and the parts' sum matches the score to float
+    tolerance either way."""
+    n, k = columns.shape
+    out = np.full((n, k, parts.shape[0]), np.nan, dtype=np.float32)
+    for b in range(n):
+        for j in range(k):
+            c = columns[b, j]
+            if c < 0:
+                continue
+            for m in range(parts.shape[0]):
+                if has[c, m]:
+                    s = np.float32(0.0)
+                    for d in range(queries.shape[1]):
+                        s += queries[b, d] * parts[m, c, d]
+                    out[b, j, m] = s
+    return out
 
 
 def id_hash(ids) -> np.ndarray:
-    """64-bit FNV-1a of each id's UTF-8 bytes, vectorised over ids. Unlike ``hash()`` it is the same in every
-    process and run, so items land in the same shard and users in the same batch wherever they are placed."""
-    raw = np.array([i.encode() for i in ids], dtype=bytes)
-    h = np.full(len(raw), 0xCBF29CE484222325, dtype=np.uint64)
-    if len(raw) == 0 or raw.dtype.itemsize == 0:
+    """64-bit FNV-1a of each id's characters (code points, so an ASCII id hashes as its bytes do),
+    vectorised over ids. Unlike ``hash()`` it is the same in every process and run, so an id lands in the
+    same bucket wherever it is read."""
+    chars = np.asarray(ids, dtype=str)
+    h = np.full(len(chars), 0xCBF29CE484222325, dtype=np.uint64)
+    if len(chars) == 0 or chars.dtype.itemsize == 0:
         return h
-    octets = raw.view(np.uint8).reshape(len(raw), raw.dtype.itemsize)
-    lengths = np.char.str_len(raw)
-    for j in range(octets.shape[1]):
-        h = np.where(j < lengths, (h ^ octets[:, j]) * np.uint64(0x100000001B3), h)
+    codes = chars.view(np.uint32).reshape(len(chars), -1).astype(np.uint64)
+    lengths = np.strings.str_len(chars)
+    for j in range(codes.shape[1]):
+        h = np.where(j < lengths, (h ^ codes[:, j]) * np.uint64(0x100000001B3), h)
     return h
+
+
+def mixed_hash(ids) -> np.ndarray:
+    """``id_hash`` scrambled by the MurmurHash3 finaliser: FNV's high bits barely depend on an id's last
+    characters, and ``bucket`` takes the high bits."""
+    h = id_hash(ids)
+    for factor in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+        h = (h ^ (h >> np.uint64(33))) * np.uint64(factor)
+    return h ^ (h >> np.uint64(33))
+
+
+def bucket(hashes: np.ndarray, n: int) -> np.ndarray:
+    """Each mixed hash's bucket in ``range(n)``, by its high bits: consecutive buckets are consecutive hash
+    ranges, so ``bucket * m // n`` groups them into m near-equal ranges."""
+    return ((hashes >> np.uint64(32)) * np.uint64(n) >> np.uint64(32)).astype(np.int64)
 
 
 def locate(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,3 +145,22 @@ def locate(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndar
         return np.zeros(len(ids), dtype=bool), np.zeros(len(ids), dtype=np.int64)
     rows = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
     return sorted_ids[rows] == ids, rows
+
+
+def find(ids: np.ndarray, hashes: np.ndarray, wanted: np.ndarray, wanted_hashes: np.ndarray
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """``locate`` by hash, which is many times faster than comparing strings: ``ids`` (sorted) with their
+    mixed hashes. Ids are compared after the hash matches, and the rare id whose hash another id shares
+    is looked up by string, so the answer is exact."""
+    if len(ids) == 0:
+        return np.zeros(len(wanted), dtype=bool), np.zeros(len(wanted), dtype=np.int64)
+    order = np.argsort(hashes, kind="stable")
+    sorted_hashes = hashes[order]
+    at = np.minimum(np.searchsorted(sorted_hashes, wanted_hashes), len(ids) - 1)
+    rows = order[at]
+    hit = sorted_hashes[at] == wanted_hashes
+    found = hit & (ids[rows] == wanted)
+    shared = hit & ~found
+    if shared.any():
+        found[shared], rows[shared] = locate(ids, wanted[shared])
+    return found, rows

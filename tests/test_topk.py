@@ -5,10 +5,14 @@ import pickle
 import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from models import topk
+from transforms import topk as sharded
 from transforms.topk import TopK
+
+MULTI_PROCESS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 
 
 def reference(queries, items, k, excluded, item_ids):
@@ -41,7 +45,7 @@ def test_kernel_equals_brute_force(n_queries, n_items, dim, k, integer, n_exclud
     excluded = [rng.choice(n_items, min(n_excluded, n_items), replace=False) for _ in range(n_queries)]
     excluded[0] = np.arange(n_items)  # a query that may get nothing
     rows = np.repeat(np.arange(n_queries), [len(e) for e in excluded])
-    columns, scores = topk.top_k(q, x, k, (rows, np.concatenate(excluded)), rows_per_block=32)
+    columns, scores = topk.top_k(q, x, k, (rows, np.concatenate(excluded)), rows_per_tile=32, columns_per_tile=700)
     for row, (want, want_scores) in enumerate(reference(q, x, k, excluded, np.arange(n_items))):
         assert columns[row, :len(want)].tolist() == list(want)
         assert (columns[row, len(want):] == -1).all() and (scores[row, len(want):] == -np.inf).all()
@@ -55,6 +59,26 @@ def test_kernel_ties_break_by_column():
     assert columns.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4]] and (scores == 0).all()
 
 
+def test_find_is_exact_when_hashes_collide():
+    ids = np.array(["a", "b", "c", "d"])  # sorted
+    wanted = np.array(["c", "x", "a", "d", "d"])
+    for hashes, wanted_hashes in ((topk.mixed_hash(ids.tolist()), topk.mixed_hash(wanted.tolist())),
+                                  (np.zeros(4, np.uint64), np.zeros(5, np.uint64))):  # every hash collides
+        found, rows = topk.find(ids, hashes, wanted, wanted_hashes)
+        assert found.tolist() == [True, False, True, True, True]
+        assert rows[found].tolist() == [2, 0, 3, 3]
+
+
+def test_spans_cover_the_counted_buckets_in_near_equal_ranges():
+    counts = np.random.default_rng(0).integers(0, 50, sharded.BUCKETS)
+    counts[:5] = 0  # empty ranges are left out
+    spans = sharded.spans(counts, 300)
+    assert sum(s.rows for s in spans) == counts.sum() and all(s.rows > 0 for s in spans)
+    assert len(spans) <= int(np.ceil(counts.sum() / 300))
+    assert all(a.hi <= b.lo for a, b in zip(spans, spans[1:]))
+    assert len(sharded.spans(counts, 1)) == np.count_nonzero(counts)  # at most one span per bucket
+
+
 def test_id_hash_is_fnv1a():
     # Published FNV-1a 64-bit test vectors: the hash must not depend on the process (unlike hash()).
     assert topk.id_hash(["", "a", "foobar"]).tolist() == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C,
@@ -62,19 +86,18 @@ def test_id_hash_is_fnv1a():
     assert topk.id_hash(["é"]).tolist() == topk.id_hash(["é", "x"]).tolist()[:1]
 
 
-def run_topk(tmp_path, queries, items, k, batch, shard):
+def run_topk(tmp_path, queries, items, k, batch, shard, flags=()):
     """Run TopK on the FnApiRunner; returns {query_id: Ranked}."""
     out = tmp_path / f"ranked-{batch}-{shard}.pkl"
-    with beam.Pipeline(runner=FnApiRunner()) as p:
+    with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(list(flags))) as p:
         ranked = ({"queries": p | "Queries" >> beam.Create(queries), "items": p | "Items" >> beam.Create(items)}
                   | TopK(k, batch, shard))
         _ = ranked | beam.combiners.ToList() | beam.Map(lambda r: out.write_bytes(pickle.dumps(r)))
     return dict(pickle.loads(out.read_bytes())) if out.exists() else {}
 
 
-@pytest.mark.parametrize("n_queries,n_items,dim,k,n_excluded", [(300, 2500, 8, 10, 30), (50, 40, 4, 20, 0),
-                                                                (120, 1500, 16, 5, 0)])
-def test_sharded_transform_equals_brute_force(tmp_path, n_queries, n_items, dim, k, n_excluded):
+def problem(n_queries, n_items, dim, n_excluded):
+    """Random queries and items with two modalities (every third item text only) and exclusions."""
     rng = np.random.default_rng(n_items)
     q, x = data(rng, n_queries, n_items, dim, integer=n_items == 40)
     share = rng.uniform(0, 1, (n_items, 1)).astype(np.float32)
@@ -84,8 +107,11 @@ def test_sharded_transform_equals_brute_force(tmp_path, n_queries, n_items, dim,
              for j in range(n_items)]
     excluded = [rng.choice(n_items, n_excluded, replace=False) for _ in range(n_queries)]
     queries = [(f"u{i}", q[i], item_ids[excluded[i]].tolist()) for i in range(n_queries)]
-    got = run_topk(tmp_path, queries, items, k, batch=64, shard=700)
-    assert len(got) == n_queries
+    return q, x, item_ids, items, excluded, queries
+
+
+def check_against_brute_force(got, q, x, k, excluded, item_ids):
+    assert len(got) == len(q)
     for i, (want, want_scores) in enumerate(reference(q, x, k, excluded, item_ids)):
         r = got[f"u{i}"]
         assert r.item_ids.tolist() == item_ids[want].tolist()
@@ -93,8 +119,47 @@ def test_sharded_transform_equals_brute_force(tmp_path, n_queries, n_items, dim,
         np.testing.assert_allclose(np.nansum(r.contributions, axis=1), r.scores, rtol=1e-4, atol=1e-5)
         image = r.contributions[:, r.modalities.index("image")]
         assert np.isnan(image).tolist() == [int(item[1:]) % 3 == 0 for item in r.item_ids.tolist()]
+
+
+@pytest.mark.parametrize("n_queries,n_items,dim,k,n_excluded", [(300, 2500, 8, 10, 30), (50, 40, 4, 20, 0),
+                                                                (120, 1500, 16, 5, 0)])
+def test_sharded_transform_equals_brute_force(tmp_path, n_queries, n_items, dim, k, n_excluded):
+    q, x, item_ids, items, excluded, queries = problem(n_queries, n_items, dim, n_excluded)
+    got = run_topk(tmp_path, queries, items, k, batch=64, shard=700)
+    check_against_brute_force(got, q, x, k, excluded, item_ids)
     whole = run_topk(tmp_path, queries, items, k, batch=10_000, shard=10_000)
     assert {u: r.item_ids.tolist() for u, r in whole.items()} == {u: r.item_ids.tolist() for u, r in got.items()}
+
+
+def test_two_worker_processes_equal_brute_force(tmp_path):
+    """Several shards and batches over two SDK worker processes: each worker gets a share of every stage,
+    the pieces travel between processes, and the partials of a batch come from both workers."""
+    q, x, item_ids, items, excluded, queries = problem(900, 4000, 16, 40)
+    got = run_topk(tmp_path, queries, items, 10, batch=150, shard=600, flags=MULTI_PROCESS)
+    check_against_brute_force(got, q, x, 10, excluded, item_ids)
+
+
+def test_lost_or_duplicated_pieces_fail_the_job():
+    """What the runner drops or repeats is caught where pieces meet, never turned into a wrong ranking."""
+    shard = sharded.Shard.stack([{"item_id": f"i{j}", "vector": np.ones(2), "parts": {}} for j in range(50)])
+    pieces = every_bucket({})
+    for bucket, piece in sharded._cut(shard):
+        pieces[bucket].append(piece)
+    counts = np.bincount(sharded._buckets(shard), minlength=sharded.BUCKETS)
+    (span,) = sharded.spans(counts, 1000)
+    assert len(sharded._read(sharded.Shard, pieces, span, "item").ids) == 50
+    lost = {b: p for b, p in pieces.items() if b != min(pieces)}
+    with pytest.raises(RuntimeError, match="hold 49 records where 50 were counted"):
+        sharded._read(sharded.Shard, every_bucket(lost), span, "item")
+    ranked = sharded.Ranked(np.array(["u"]), np.array([["i1"]]), np.ones((1, 1), np.float32), (), np.ones((1, 1, 0)))
+    assert len(list(sharded._per_query((0, (1, ranked)), counts, 1000))) == 1
+    with pytest.raises(RuntimeError, match="merged 2 partial rankings for 1 item shards"):
+        list(sharded._per_query((0, (2, ranked)), counts, 1000))
+
+
+def every_bucket(pieces):
+    """A side-input-like mapping: a bucket with no pieces reads as empty."""
+    return {b: pieces.get(b, []) for b in range(sharded.BUCKETS)}
 
 
 def test_transform_refuses_vectors_of_different_lengths(tmp_path):

@@ -1,11 +1,18 @@
-"""Exact top-k of queries against items at any catalogue size, as one task per (query batch, item shard).
+"""Exact top-k of queries against items at any catalogue size, one matrix product per (query batch, item shard).
 
-Items are cut into shards and queries into batches by a stable hash of their id, with the counts of both
-known inside the pipeline, so no worker ever holds more than one shard and one batch. Each (batch, shard)
-pair meets in one GroupByKey and yields a partial top-k from one matrix product (``models.topk``); the
-partials of a batch merge in a combiner that keeps only the best k per query. The same transform serves
-recommendations (users as queries, their seen items excluded) and similar items (items as queries, each
-excluding itself). Ties are broken by item id, so the result does not depend on the sharding.
+Every id hashes to one of ``BUCKETS`` buckets (``models.topk.bucket``). Records are stacked into blocks in
+the bundle that produces them and cut by bucket there, and the pieces become a side input looked up by
+bucket, so the data cross the runner once and whole shards are never shuffled. (A runner hands each worker
+its whole share of a stage's input in one message; the one stage TopK adds receives only small task
+descriptions.) Once the records are counted per bucket, a shard (or a batch) is a range of consecutive
+buckets holding about ``shard_size`` items (``batch_size`` queries). A task reads one shard's pieces, then
+each of its query batches' in turn, and yields each batch's partial top-k from one matrix product
+(``models.topk``); the partials of a batch merge in a combiner that keeps only the best k per query. So a
+worker holds one shard and one batch at a time, and each shard is read by a few tasks rather than copied
+once per batch. Counts are checked where pieces meet, so data a runner loses or duplicates fails the job
+instead of silently changing a ranking. The same transform serves recommendations (users as queries, their
+seen items excluded) and similar items (items as queries, each excluding itself). Ties are broken by item
+id, so the result does not depend on how ids are cut up.
 """
 from __future__ import annotations
 
@@ -17,18 +24,22 @@ import numpy as np
 
 from models import topk
 
-USER_BATCH = 8192    # queries per task: 8192 x 64 float32 is 2 MiB
-ITEM_SHARD = 32768   # items per task: 32768 x 64 float32 is 8 MiB per modality plus the fused vector
+USER_BATCH = 8192    # queries per batch: 8192 x 64 float32 is 2 MiB, plus the exclusions
+ITEM_SHARD = 65536   # items per shard: 65536 x 64 float32 is 16 MiB per modality plus the fused vector; the
+                     # per-batch work (exclusions, contributions, merging) is spread over more scores
+BUCKETS = 64         # a catalogue of more than BUCKETS x shard size items gets larger shards
+TASKS = 8            # tasks to aim for: a shard's batches split between a few, so every worker has work
 
 
 class Shard(NamedTuple):
-    """Items stacked into matrices: a block of input items, or a whole shard with rows sorted by item id
+    """Items stacked into matrices: a piece of input items, or a whole shard with rows sorted by item id
     (so that column order breaks ties as the item id does)."""
     ids: np.ndarray          # (s,) str
     vectors: np.ndarray      # (s, D) float32, fused
     modalities: tuple        # names of the parts, sorted
     parts: np.ndarray        # (M, s, D) float32; zero where an item lacks the modality
     has: np.ndarray          # (s, M) bool: which modalities each item has
+    hashes: np.ndarray       # (s,) uint64 mixed hash of each id (``models.topk.mixed_hash``)
 
     @staticmethod
     def stack(items) -> Shard:
@@ -41,60 +52,74 @@ class Shard(NamedTuple):
             for name, part in item["parts"].items():
                 m = modalities.index(name)
                 parts[m, row], has[row, m] = part, True
-        return Shard(ids, vectors, modalities, parts, has)
+        return Shard(ids, vectors, modalities, parts, has, topk.mixed_hash(ids))
 
-    def take(self, rows: np.ndarray) -> Shard:
-        return Shard(self.ids[rows], self.vectors[rows], self.modalities, self.parts[:, rows], self.has[rows])
+    def take(self, rows) -> Shard:
+        return Shard(self.ids[rows], self.vectors[rows], self.modalities, self.parts[:, rows], self.has[rows],
+                     self.hashes[rows])
+
+    def rows(self, lo: int, hi: int) -> Shard:
+        """Rows ``lo`` to ``hi - 1``, as views."""
+        return self.take(slice(lo, hi))
 
     @staticmethod
-    def concat(blocks) -> Shard:
-        """One shard from its blocks, rows sorted by item id."""
-        modalities = tuple(sorted({m for b in blocks for m in b.modalities}))
+    def concat(pieces) -> Shard:
+        """One shard from its pieces, rows sorted by item id."""
+        modalities = tuple(sorted({m for p in pieces for m in p.modalities}))
         parts, has = [], []
-        for b in blocks:
-            where = [modalities.index(m) for m in b.modalities]
-            p = np.zeros((len(modalities), *b.vectors.shape), dtype=np.float32)
-            h = np.zeros((len(b.ids), len(modalities)), dtype=bool)
-            p[where], h[:, where] = b.parts, b.has
-            parts.append(p)
+        for p in pieces:
+            where = [modalities.index(m) for m in p.modalities]
+            widened = np.zeros((len(modalities), *p.vectors.shape), dtype=np.float32)
+            h = np.zeros((len(p.ids), len(modalities)), dtype=bool)
+            widened[where], h[:, where] = p.parts, p.has
+            parts.append(widened)
             has.append(h)
-        out = Shard(np.concatenate([b.ids for b in blocks]), _concat([b.vectors for b in blocks], "item"),
-                    modalities, np.concatenate(parts, axis=1), np.concatenate(has))
+        out = Shard(np.concatenate([p.ids for p in pieces]), _concat([p.vectors for p in pieces], "item"),
+                    modalities, np.concatenate(parts, axis=1), np.concatenate(has),
+                    np.concatenate([p.hashes for p in pieces]))
         return out.take(np.argsort(out.ids, kind="stable"))
 
 
 class Batch(NamedTuple):
-    """Queries stacked into a matrix, with the items each may not get as (row, item id) pairs."""
-    ids: np.ndarray            # (b,) str
-    vectors: np.ndarray        # (b, D) float32
-    excluded_rows: np.ndarray  # (e,) int64 query row
-    excluded_ids: np.ndarray   # (e,) str item id
+    """Queries stacked into a matrix, with the items each may not get as (row, item id) pairs, ordered by
+    row, and the mixed hash of each such item id, so a shard finds its own exclusions without hashing."""
+    ids: np.ndarray              # (b,) str
+    vectors: np.ndarray          # (b, D) float32
+    excluded_rows: np.ndarray    # (e,) int64 query row, ascending
+    excluded_ids: np.ndarray     # (e,) str item id
+    excluded_hashes: np.ndarray  # (e,) uint64 mixed hash of the item id
 
     @staticmethod
     def stack(queries) -> Batch:
         excluded = [list(q[2]) for q in queries]
+        excluded_ids = np.array([i for e in excluded for i in e], dtype=str)
         return Batch(np.array([q[0] for q in queries], dtype=str), _matrix([q[1] for q in queries], "query"),
-                     np.repeat(np.arange(len(queries)), [len(e) for e in excluded]),
-                     np.array([i for e in excluded for i in e], dtype=str))
+                     np.repeat(np.arange(len(queries)), [len(e) for e in excluded]), excluded_ids,
+                     topk.mixed_hash(excluded_ids))
 
     def take(self, rows: np.ndarray) -> Batch:
         new = np.full(len(self.ids), -1)
         new[rows] = np.arange(len(rows))
         moved = new[self.excluded_rows]
-        keep = moved >= 0
-        return Batch(self.ids[rows], self.vectors[rows], moved[keep], self.excluded_ids[keep])
+        keep = np.flatnonzero(moved >= 0)
+        keep = keep[np.argsort(moved[keep], kind="stable")]
+        return Batch(self.ids[rows], self.vectors[rows], moved[keep], self.excluded_ids[keep],
+                     self.excluded_hashes[keep])
 
-    def only(self, keep: np.ndarray) -> Batch:
-        """The same queries with only the exclusions where ``keep``."""
-        return Batch(self.ids, self.vectors, self.excluded_rows[keep], self.excluded_ids[keep])
+    def rows(self, lo: int, hi: int) -> Batch:
+        """Rows ``lo`` to ``hi - 1``, as views."""
+        a, b = np.searchsorted(self.excluded_rows, [lo, hi])
+        return Batch(self.ids[lo:hi], self.vectors[lo:hi], self.excluded_rows[a:b] - lo, self.excluded_ids[a:b],
+                     self.excluded_hashes[a:b])
 
     @staticmethod
-    def concat(blocks) -> Batch:
-        """One batch from its blocks, rows sorted by query id."""
-        offsets = np.cumsum([0] + [len(b.ids) for b in blocks[:-1]])
-        out = Batch(np.concatenate([b.ids for b in blocks]), _concat([b.vectors for b in blocks], "query"),
-                    np.concatenate([b.excluded_rows + o for b, o in zip(blocks, offsets)]),
-                    np.concatenate([b.excluded_ids for b in blocks]))
+    def concat(pieces) -> Batch:
+        """One batch from its pieces, rows sorted by query id."""
+        offsets = np.cumsum([0] + [len(p.ids) for p in pieces[:-1]])
+        out = Batch(np.concatenate([p.ids for p in pieces]), _concat([p.vectors for p in pieces], "query"),
+                    np.concatenate([p.excluded_rows + o for p, o in zip(pieces, offsets)]),
+                    np.concatenate([p.excluded_ids for p in pieces]),
+                    np.concatenate([p.excluded_hashes for p in pieces]))
         return out.take(np.argsort(out.ids, kind="stable"))
 
 
@@ -123,8 +148,20 @@ def _concat(matrices, what: str) -> np.ndarray:
     return np.concatenate(matrices)
 
 
-def groups(n: int, size: int) -> int:
-    return max(1, math.ceil(n / size))
+class Span(NamedTuple):
+    """A shard or batch: the buckets ``lo`` to ``hi - 1`` and how many records were counted in them."""
+    lo: int
+    hi: int
+    rows: int
+
+
+def spans(counts: np.ndarray, size: int) -> list[Span]:
+    """Consecutive bucket ranges of about ``size`` records each (as many ranges as the total needs, at
+    most one per bucket); empty ranges are left out."""
+    n = min(len(counts), max(1, math.ceil(int(counts.sum()) / size)))
+    edges = [math.ceil(s * len(counts) / n) for s in range(n + 1)]
+    out = [Span(lo, hi, int(counts[lo:hi].sum())) for lo, hi in zip(edges, edges[1:])]
+    return [span for span in out if span.rows]
 
 
 class TopK(beam.PTransform):
@@ -133,9 +170,7 @@ class TopK(beam.PTransform):
     (arrays of length <= k, no padding).
 
     Item dicts carry ``item_id``, ``vector`` (fused) and ``parts`` ({modality: vector}, summing to
-    ``vector``), so each score splits into what each modality contributed. Records are stacked into
-    matrices in the bundle that makes them, so from there on only blocks of a few thousand rows are
-    shuffled, never one record at a time.
+    ``vector``), so each score splits into what each modality contributed.
     """
 
     def __init__(self, k: int, batch_size: int = USER_BATCH, shard_size: int = ITEM_SHARD):
@@ -146,98 +181,106 @@ class TopK(beam.PTransform):
         self._k, self._batch, self._shard = k, batch_size, shard_size
 
     def expand(self, inputs):
-        shards, n_shards = inputs["items"] | "Shards" >> _Group(Shard, self._shard)
-        batches, n_batches = inputs["queries"] | "Batches" >> _Group(Batch, self._batch)
-        pairs = ((shards | "ShardToPairs" >> beam.FlatMap(_shard_pairs, beam.pvalue.AsSingleton(n_batches)),
-                  batches | "BatchToPairs" >> beam.FlatMap(_batch_pairs, beam.pvalue.AsSingleton(n_shards)))
-                 | "AllPairs" >> beam.Flatten()
-                 | "MeetPairs" >> beam.GroupByKey())
-        return (pairs
-                | "PartialTopK" >> beam.FlatMap(_partial, self._k)
+        items, item_counts = inputs["items"] | "ItemPieces" >> _Pieces(Shard)
+        queries, query_counts = inputs["queries"] | "QueryPieces" >> _Pieces(Batch)
+        tasks = (item_counts
+                 | "Tasks" >> beam.FlatMap(_tasks, beam.pvalue.AsSingleton(query_counts), self._shard, self._batch)
+                 | "Spread" >> beam.Reshuffle())
+        return (tasks
+                | "PartialTopK" >> beam.FlatMap(_partial, self._k, beam.pvalue.AsMultiMap(items),
+                                                beam.pvalue.AsMultiMap(queries))
                 | "MergePartials" >> beam.CombinePerKey(MergeRanked(self._k))
-                | "PerQuery" >> beam.FlatMap(_per_query))
+                | "PerQuery" >> beam.FlatMap(_per_query, beam.pvalue.AsSingleton(item_counts), self._shard))
 
 
-class _Group(beam.PTransform):
-    """Records into ``(group, block)`` with about ``size`` records per group: stacked per bundle, then split
-    by a stable hash of the id modulo ``n``, which is known only once all records are counted. Returns the
-    groups and ``n`` (a one-element PCollection); a group no id hashed to does not appear."""
+class _Pieces(beam.PTransform):
+    """Records into ``(bucket, piece)`` pairs, stacked in the bundle that reads them and cut by bucket, and
+    the number of records in each bucket (one array, the only thing that waits for all records)."""
 
-    def __init__(self, kind, size: int):
+    def __init__(self, kind):
         super().__init__()
-        self._kind, self._size = kind, size
+        self._kind = kind
 
     def expand(self, records):
-        kind, size = self._kind, self._size
         blocks = (records
                   | "Bundle" >> beam.BatchElements(min_batch_size=1024, max_batch_size=8192)
-                  | "Stack" >> beam.Map(kind.stack))
-        modulus = (blocks
-                   | "Sizes" >> beam.Map(lambda b: len(b.ids))
-                   | "Total" >> beam.CombineGlobally(sum)
-                   | "Groups" >> beam.Map(groups, size))
-
-        def split(block, n):
-            group = topk.id_hash(block.ids.tolist()) % np.uint64(n)
-            for g in np.unique(group).tolist():
-                yield g, block.take(np.flatnonzero(group == g))
-
-        grouped = (blocks
-                   | "Split" >> beam.FlatMap(split, beam.pvalue.AsSingleton(modulus))
-                   | "Group" >> beam.GroupByKey()
-                   | "Concat" >> beam.MapTuple(lambda g, parts: (g, kind.concat(list(parts)))))
-        return grouped, modulus
+                  | "Stack" >> beam.Map(self._kind.stack))
+        counts = (blocks
+                  | "Count" >> beam.Map(lambda b: np.bincount(_buckets(b), minlength=BUCKETS))
+                  | "Total" >> beam.CombineGlobally(lambda counts: sum(counts, np.zeros(BUCKETS, dtype=np.int64))))
+        return blocks | "Cut" >> beam.FlatMap(_cut), counts
 
 
-def _shard_pairs(shard, n_batches):
-    s, value = shard
-    for b in range(n_batches):
-        yield (s, b), value
+def _buckets(block) -> np.ndarray:
+    return topk.bucket(block.hashes if isinstance(block, Shard) else topk.mixed_hash(block.ids), BUCKETS)
 
 
-def _batch_pairs(batch, n_shards):
-    """The batch once per shard, each copy carrying only the exclusions whose item hashes to that shard."""
-    b, value = batch
-    shard_of = topk.id_hash(value.excluded_ids.tolist()) % np.uint64(n_shards)
-    for s in range(n_shards):
-        yield (s, b), value.only(shard_of == s)
+def _cut(block):
+    """The block's rows in pieces by bucket: reordered once, then cut into slices."""
+    buckets = _buckets(block)
+    order = np.argsort(buckets, kind="stable")
+    block, buckets = block.take(order), buckets[order]
+    edges = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1], True])
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        yield int(buckets[lo]), block.rows(lo, hi)
 
 
-def _partial(pair, k):
-    """One (batch, shard) task: the shard's best k for every query of the batch, from one matrix product."""
-    (_, b), values = pair
-    shard = next((v for v in values if isinstance(v, Shard)), None)
-    batch = next((v for v in values if isinstance(v, Batch)), None)
-    if shard is None or batch is None:  # a shard or batch number that no id hashed to
-        return
-    found, cols = topk.locate(shard.ids, batch.excluded_ids)
-    columns, scores = topk.top_k(batch.vectors, shard.vectors, k, (batch.excluded_rows[found], cols[found]))
-    valid = columns >= 0
-    safe = np.where(valid, columns, 0)
-    contributions = np.einsum("bd,mbkd->bkm", batch.vectors, shard.parts[:, safe])
-    contributions[~shard.has[safe]] = np.nan
-    yield b, Ranked(batch.ids, np.where(valid, shard.ids[safe], ""), scores, shard.modalities, contributions)
+def _tasks(item_counts, query_counts, shard_size: int, batch_size: int):
+    """Every (shard, batch) pair once, as tasks of one shard and some of its batches: at least ``TASKS``
+    tasks where there are enough batches, so that the shards are read a few times, not once per batch.
+    Largest first: a runner that deals tasks out in turn then gives its workers near-equal shares."""
+    shards, batches = spans(item_counts, shard_size), spans(query_counts, batch_size)
+    per_shard = max(1, min(len(batches), math.ceil(TASKS / max(1, len(shards)))))
+    tasks = [(shard, batches[j::per_shard]) for shard in shards for j in range(per_shard) if batches[j::per_shard]]
+    tasks.sort(key=lambda t: -t[0].rows * sum(b.rows for b in t[1]))
+    yield from enumerate(tasks)
+
+
+def _read(kind, pieces, span: Span, what: str):
+    """The shard or batch of ``span`` from its pieces, checked against the count."""
+    block = kind.concat([p for bucket in range(span.lo, span.hi) for p in pieces[bucket]])
+    if len(block.ids) != span.rows:
+        raise RuntimeError(f"TopK: {what} buckets {span.lo}..{span.hi - 1} hold {len(block.ids)} records where "
+                           f"{span.rows} were counted: the runner lost or duplicated data")
+    return block
+
+
+def _partial(task, k, items, queries):
+    """One task: its shard, then for each of its batches the shard's best k for every query, from one
+    matrix product."""
+    _, (span, batch_spans) = task
+    shard = _read(Shard, items, span, "item")
+    for batch_span in batch_spans:
+        batch = _read(Batch, queries, batch_span, "query")
+        buckets = topk.bucket(batch.excluded_hashes, BUCKETS)
+        mine = np.flatnonzero((buckets >= span.lo) & (buckets < span.hi))
+        found, cols = topk.find(shard.ids, shard.hashes, batch.excluded_ids[mine], batch.excluded_hashes[mine])
+        columns, scores = topk.top_k(batch.vectors, shard.vectors, k, (batch.excluded_rows[mine][found], cols[found]))
+        item_ids = np.where(columns >= 0, shard.ids[np.maximum(columns, 0)], "")
+        yield batch_span.lo, Ranked(batch.ids, item_ids, scores, shard.modalities,
+                                    topk.contributions(batch.vectors, shard.parts, shard.has, columns))
 
 
 class MergeRanked(beam.CombineFn):
-    """Keeps the best k per query of a batch's partials: the accumulator never exceeds batch x k."""
+    """Keeps the best k per query of a batch's partials, and how many partials it has merged: the
+    accumulator never exceeds batch x k."""
 
     def __init__(self, k: int):
         super().__init__()
         self._k = k
 
     def create_accumulator(self):
-        return None
+        return 0, None
 
     def add_input(self, accumulator, ranked):
-        return ranked if accumulator is None else merge(accumulator, ranked, self._k)
+        return self.merge_accumulators([accumulator, (1, ranked)])
 
     def merge_accumulators(self, accumulators):
-        out = None
-        for a in accumulators:
-            if a is not None:
-                out = a if out is None else merge(out, a, self._k)
-        return out
+        count, out = 0, None
+        for n, ranked in accumulators:
+            if ranked is not None:
+                count, out = count + n, ranked if out is None else merge(out, ranked, self._k)
+        return count, out
 
     def extract_output(self, accumulator):
         return accumulator
@@ -256,8 +299,13 @@ def merge(a: Ranked, b: Ranked, k: int) -> Ranked:
                   modalities, np.take_along_axis(np.concatenate(contributions, axis=1), order[..., None], 1))
 
 
-def _per_query(batch):
-    _, r = batch
+def _per_query(batch, item_counts, shard_size: int):
+    """The merged batch as one record per query, once every shard's partial is in."""
+    _, (merged, r) = batch
+    shards = len(spans(item_counts, shard_size))
+    if merged != shards:
+        raise RuntimeError(f"TopK: a query batch merged {merged} partial rankings for {shards} item shards: "
+                           "the runner lost or duplicated data")
     for row, query in enumerate(r.query_ids.tolist()):
         n = int(np.count_nonzero(r.scores[row] > -np.inf))
         if n:
