@@ -114,7 +114,8 @@ class AlignmentModel(keras.Model):
         -1 padded) and ``target``."""
         contrast = ops.cast(x["contrast"], "float32")
         n = ops.shape(contrast)[0]  # only these rows enter the (n x n) contrastive logits: they dominate a step
-        aligned, mask = y_pred["aligned"][:n], ops.cast(x["mask"], "float32")[:n]
+        present = ops.cast(x["mask"], "float32")  # (items, M); padding rows have no modality
+        aligned, mask = y_pred["aligned"][:n], present[:n]
         total, pairs = 0.0, 0
         for a in range(len(self.modalities)):
             for b in range(a + 1, len(self.modalities)):
@@ -127,12 +128,12 @@ class AlignmentModel(keras.Model):
         taken = ops.cast(history >= 0, "float32")
         users = ops.sum(ops.take(fused, ops.maximum(history, 0), axis=0) * taken[..., None], axis=1)
         users = users / ops.maximum(ops.sqrt(ops.sum(users * users, axis=-1, keepdims=True)), 1e-12)
-        # (B,) row of each user's next item, scored against every item of the step (padding rows have no
-        # modality): close to the whole catalogue, so popular items are not over-used as negatives the way
+        # (B,) row of each user's next item, scored against every real item of the step: close to the whole
+        # catalogue, so popular items are not over-used as negatives the way
         # in-batch targets alone would use them.
         targets = x["target"]
         logits = ops.matmul(users, ops.transpose(fused)) / self.temperature
-        logits = ops.where(ops.sum(ops.cast(x["mask"], "float32"), axis=-1)[None, :] > 0, logits, -1e9)
+        logits = ops.where(ops.sum(present, axis=-1)[None, :] > 0, logits, -1e9)
         per_user = ops.logsumexp(logits, axis=-1) - ops.take_along_axis(logits, targets[:, None], 1)[:, 0]
         interaction = ops.sum(per_user) / ops.maximum(ops.cast(ops.shape(targets)[0], "float32"), 1.0)
         return (total / max(pairs, 1) if pairs else 0.0) + interaction
