@@ -10,16 +10,13 @@ import numpy as np
 import pytest
 
 from pipelines import nightly
-from tests.conftest import DEMO_FLAGS, ROOT, RUN_DATE, dataset, metrics, sorted_rows
+from tests.conftest import ROOT, RUN_DATE, dataset, metrics, nightly_args, sorted_rows
 
 pytestmark = pytest.mark.slow
-# musicnn is left out to keep the suite short; tests/test_audio_encoder.py covers it.
-MODALITIES = "--modalities=text,image,audio_mfcc,features"
 
 
 def _nightly(demo, output: Path, *extra: str) -> Path:
-    assert nightly.main([f"--catalog={demo['catalog']}", f"--interactions={demo['interactions']}",
-                         f"--output={output}", *DEMO_FLAGS, MODALITIES, *extra]) == 0
+    assert nightly.main(nightly_args(demo, output, *extra)) == 0
     return output / RUN_DATE
 
 
@@ -27,8 +24,8 @@ def _comparable(report: dict) -> dict:
     return {k: v for k, v in report.items() if k not in ("run_id", "files")}
 
 
-def test_multi_process_run_equals_in_memory_run(demo, tmp_path):
-    in_memory = _nightly(demo, tmp_path / "mem")
+def test_multi_process_run_equals_in_memory_run(demo, demo_night, tmp_path):
+    in_memory = demo_night
     multi = _nightly(demo, tmp_path / "multi", "--direct_running_mode=multi_processing", "--direct_num_workers=2")
     assert _comparable(metrics(in_memory)) == _comparable(metrics(multi))
     dead = [sorted_rows(dataset(run, "dead_letter"), "stage", "key", "source") for run in (in_memory, multi)]
@@ -49,8 +46,8 @@ def test_multi_process_run_equals_in_memory_run(demo, tmp_path):
         assert dict(ra["weights"]).keys() == dict(rb["weights"]).keys()
 
 
-def test_items_are_fused_from_present_modalities(demo, tmp_path):
-    run = _nightly(demo, tmp_path / "out")
+def test_items_are_fused_from_present_modalities(demo_night):
+    run = demo_night
     report = metrics(run)
     assert report["stages"]["align"] == {"in": 120, "out": 120, "dead": 0}
     assert report["alignment"]["kind"] == "contrastive" and report["alignment"]["reused_from"] is None
@@ -68,8 +65,7 @@ def test_items_are_fused_from_present_modalities(demo, tmp_path):
 
 def test_killed_run_leaves_no_success_and_rerun_replaces_it(demo, tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "pipelines.nightly", f"--catalog={demo['catalog']}",
-            f"--interactions={demo['interactions']}", f"--output={out}", *DEMO_FLAGS, MODALITIES]
+    args = [sys.executable, "-m", "pipelines.nightly", *nightly_args(demo, out)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 120

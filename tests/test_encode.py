@@ -1,5 +1,6 @@
 """The encode pipeline: bad media dead-letter one modality of one item; unchanged content is reused."""
 import io
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +11,7 @@ from PIL import Image
 
 from models.registry import factory
 from pipelines import encode, nightly
-from tests.conftest import DEMO_FLAGS, RUN_DATE, dataset, metrics
+from tests.conftest import RUN_DATE, dataset, metrics, nightly_args
 from tests.test_image_encoder import _png_claiming
 
 pytestmark = pytest.mark.slow
@@ -78,14 +79,12 @@ def test_good_media_get_the_models_vectors(bad_media_run):
     assert rows["img-corrupt"]["image"] is None and rows["img-corrupt"]["text"] is not None
 
 
-def test_second_night_reuses_and_reencodes_only_changes(demo, tmp_path):
+def test_second_night_reuses_and_reencodes_only_changes(demo, demo_night, tmp_path):
     out = tmp_path / "out"
-    flags = [f"--interactions={demo['interactions']}", f"--output={out}", DEMO_FLAGS[0], DEMO_FLAGS[2],
-             "--modalities=text,image,audio_mfcc,features"]
-    assert nightly.main([f"--catalog={demo['catalog']}", "--run_date=2026-11-26", *flags]) == 0
-    assert nightly.main([f"--catalog={demo['catalog']}", "--run_date=2026-11-27", *flags]) == 0
-    second = metrics(out / "2026-11-27")
-    assert second["previous"] == str(out / "2026-11-26")
+    shutil.copytree(demo_night.parent, out)  # the first night
+    assert nightly.main(nightly_args(demo, out, "--run_date=2026-11-28")) == 0
+    second = metrics(out / "2026-11-28")
+    assert second["previous"] == str(out / RUN_DATE)
     for m in ("text", "image", "audio_mfcc"):
         assert second["modalities"][m]["encoded"] == 0 and second["modalities"][m]["reused"] > 0, m
 
@@ -101,12 +100,12 @@ def test_second_night_reuses_and_reencodes_only_changes(demo, tmp_path):
     edited.parent.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(catalog, schema=pq.read_schema(demo["catalog"])), edited)
     (tmp_path / "in" / "media").symlink_to(demo["root"] / "media")  # relative media URIs resolve as before
-    assert nightly.main([f"--catalog={edited}", "--run_date=2026-11-28", *flags]) == 0
-    third = metrics(out / "2026-11-28")
+    assert nightly.main(nightly_args({**demo, "catalog": edited}, out, "--run_date=2026-11-29")) == 0
+    third = metrics(out / "2026-11-29")
     assert third["modalities"]["text"]["encoded"] == 3 and third["modalities"]["image"]["encoded"] == 2
     assert third["modalities"]["audio_mfcc"]["encoded"] == 0
-    before = {r["item_id"]: r for r in dataset(out / "2026-11-27", "embeddings").to_pylist()}
-    after = {r["item_id"]: r for r in dataset(out / "2026-11-28", "embeddings").to_pylist()}
+    before = {r["item_id"]: r for r in dataset(out / "2026-11-28", "embeddings").to_pylist()}
+    after = {r["item_id"]: r for r in dataset(out / "2026-11-29", "embeddings").to_pylist()}
     changed = {i for i in after if after[i]["text_hash"] != before[i]["text_hash"]}
     assert changed == set(changed_text)
     unchanged = next(i for i in after if i not in changed_text and i not in inline)

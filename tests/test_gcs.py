@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import nightly
-from tests.conftest import RUN_DATE, metrics
-from tests.test_runners import _free_port, _wait_listening, assert_same_runs, nightly_args
+from tests.conftest import RUN_DATE, metrics, nightly_args
+from tests.test_runners import _free_port, _wait_listening, assert_same_runs
 from transforms.runs import SUCCESS, latest_complete, prune
 
 pytestmark = pytest.mark.slow
@@ -54,15 +54,13 @@ def gcs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gcs_run(gcs, demo, tmp_path_factory):
+def gcs_run(gcs, demo, demo_night):
     """One night with inputs, media and output on gs://, and the same night on local disk."""
     gcs.put(str(demo["root"]), f"{BUCKET}/in", recursive=True)  # catalog, interactions, media (relative URIs)
     remote = {"catalog": f"gs://{BUCKET}/in/catalog", "interactions": f"gs://{BUCKET}/in/interactions"}
     root = f"gs://{BUCKET}/out"
     assert nightly.main(nightly_args(remote, root)) == 0
-    local = tmp_path_factory.mktemp("local")
-    assert nightly.main(nightly_args(demo, local)) == 0
-    return remote, root, local / RUN_DATE
+    return remote, root, demo_night
 
 
 def _download(gcs, run_dir: str, to: Path) -> Path:

@@ -6,26 +6,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from examples import movielens
 from pipelines import nightly
-from tests.conftest import dataset, metrics, shared
+from tests.conftest import dataset, metrics, movielens_run
+from tests.test_recommend import check_movielens
 
 pytestmark = pytest.mark.slow
 
 
-def _night(paths, out, date, catalog=None):
-    # The first night fits the alignment for one epoch (its quality is pipelines/evaluate.py's business);
-    # the next night reuses that artifact, as a nightly schedule with --refit=never|weekly does.
-    assert nightly.main([f"--catalog={catalog or paths['catalog']}", f"--interactions={paths['interactions']}",
-                         f"--output={out}", f"--run_date={date}", "--align_epochs=1", "--refit=never"]) == 0
-    return out / date
-
-
 @pytest.mark.timeout(2400)  # two nights of 9,742 items: encoding, an alignment fit, recommendations
-def test_movielens_nights(tmp_path):
-    paths = movielens.convert(shared("movielens"), tmp_path / "ml")
-    out = tmp_path / "out"
-    first = _night(paths, out, "2026-11-25")
+def test_movielens_nights(movielens_night, tmp_path):
+    paths, out, first = movielens_night["paths"], movielens_night["out"], movielens_night["first"]
     report = metrics(first)
     stages = report["stages"]
     assert stages["catalog"] == {"in": 9742, "out": 9742, "dead": 0}
@@ -48,6 +38,7 @@ def test_movielens_nights(tmp_path):
                      for c in ("user_id", "item_id"))))
     assert not seen & set(zip(recommendations["user_id"].to_pylist(), recommendations["item_id"].to_pylist()))
     assert len(set(dataset(first, "similar_items")["item_id"].to_pylist())) == 9742
+    check_movielens(first, pq.read_table(paths["catalog"]).to_pylist(), sequel_first=False, same_genre=0.75)
     assert report["alignment"]["reused_from"] is None
 
     # The next night, after 10 retitled films and 5 new posters, re-encodes those alone.
@@ -64,7 +55,7 @@ def test_movielens_nights(tmp_path):
             r["image_uri"] = str(mirrored)
     edited = tmp_path / "edited.parquet"
     pq.write_table(pa.Table.from_pylist(catalog, schema=pq.read_schema(paths["catalog"])), edited)
-    second_dir = _night(paths, out, "2026-11-26", catalog=edited)
+    second_dir = movielens_run(paths, out, "2026-11-26", nightly, catalog=edited)
     second = metrics(second_dir)
     assert second["alignment"]["reused_from"] == str(first / "alignment")
     assert second["modalities"]["text"] == {"encoded": 10, "reused": 9732, "dead": 0}

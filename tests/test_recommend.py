@@ -8,9 +8,9 @@ import apache_beam as beam
 import numpy as np
 import pytest
 
-from pipelines import encode, ingest, recommend
+from pipelines import ingest, recommend
 from pipelines.job import execute
-from tests.conftest import RUN_DATE, dataset, metrics, shared
+from tests.conftest import RUN_DATE, dataset, metrics
 
 DAY = 86400
 EVENT_WEIGHTS = {"view": 1.0, "purchase": 4.0}
@@ -141,23 +141,23 @@ def test_fallback_recommends_popular_recent_unseen_items(tmp_path):
     assert [r["item_id"] for r in new] == ["p1"]
 
 
-def _movielens_build(paths):
+def _text_items_build(embeddings: list[dict]):
+    """Recommendations from text vectors alone, read from a nightly run's ``embeddings``."""
     def build(job, options):
-        items_in, columns = ingest.read_catalog(job, options)
+        items_in, _ = ingest.read_catalog(job, options)
         interactions = ingest.read_interactions(job, options, items_in)
-        rows, _ = encode.encode(job, options, items_in, columns)
-        items = (rows
-                 | "WithText" >> beam.Filter(lambda r: r["text"] is not None)
-                 | "TextItems" >> beam.Map(lambda r: {"item_id": r["item_id"], "vector": r["text"],
-                                                      "weights": {"text": 1.0}, "parts": {"text": r["text"]}}))
+        items = (job.pipeline
+                 | "TextItems" >> beam.Create([{"item_id": r["item_id"], "vector": r["text"], "weights": {"text": 1.0},
+                                                "parts": {"text": r["text"]}} for r in embeddings if r["text"]]))
         recommend.recommend(job, options, items, interactions)
     return build
 
 
-def check_movielens(run_dir, catalog_rows: list[dict]) -> None:
-    """What a person can verify on MovieLens outputs, without knowing the model: every user gets 20 unseen
-    recommendations, every film's most similar films are mostly of a genre it has, and the films of a
-    franchise find each other."""
+def check_movielens(run_dir, catalog_rows: list[dict], sequel_first: bool = True, same_genre: float = 0.8) -> None:
+    """What a person can verify on MovieLens outputs, without knowing the model: every user gets 20 ranked
+    recommendations, every film's most similar films are mostly of a genre it has (share > ``same_genre``), and
+    a franchise's sequel is among its 10 most similar films (the very first with ``sequel_first``: on fused
+    vectors, films watched together, such as Toy Story and A Bug's Life, may come first)."""
     title = {r["item_id"]: r["title"] for r in catalog_rows}
     genres = {r["item_id"]: set((r["description"] or "").split(" | ")) for r in catalog_rows}
     recs = dataset(run_dir, "recommendations").to_pylist()
@@ -178,18 +178,19 @@ def check_movielens(run_dir, catalog_rows: list[dict]) -> None:
                    "Harry Potter and the Prisoner of Azkaban (2004)")]
     for name, first, sequel in franchises:
         neighbours = [title[i] for i in similar[by_title[first]]]
-        assert title[by_title[sequel]] in neighbours and neighbours[0].startswith(name), (first, neighbours)
+        assert title[by_title[sequel]] in neighbours[:10], (first, neighbours)
+        assert neighbours[0].startswith(name) or not sequel_first, (first, neighbours)
     shared_genre = [len(genres[i] & genres[j]) > 0 for i in list(similar)[::50] for j in similar[i][:10]]
-    assert np.mean(shared_genre) > 0.8
+    assert np.mean(shared_genre) > same_genre
 
 
 @pytest.mark.slow
-def test_movielens_recommendations_and_similar_items(tmp_path):
+def test_movielens_recommendations_and_similar_items(movielens_night, tmp_path):
     import pyarrow.parquet as pq
 
-    from examples import movielens
-    paths = movielens.convert(shared("movielens"), tmp_path / "ml")
-    run = _run(tmp_path, _movielens_build(paths), f"--interactions={paths['interactions']}",
-               "--modalities=text", "--top_k=20", "--similar_k=20", catalog=paths["catalog"])
+    paths = movielens_night["paths"]
+    embeddings = dataset(movielens_night["first"], "embeddings").select(["item_id", "text"]).to_pylist()
+    run = _run(tmp_path, _text_items_build(embeddings), f"--interactions={paths['interactions']}",
+               "--top_k=20", "--similar_k=20", catalog=paths["catalog"])
     check_movielens(run, pq.read_table(paths["catalog"]).to_pylist())
     assert metrics(run)["stages"]["recommend"] == {"in": 610, "out": 610, "dead": 0}

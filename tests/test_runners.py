@@ -21,17 +21,11 @@ from pipelines import nightly
 from pipelines.job import execute
 from pipelines.options import help_text
 from runners import dataflow, portable
-from tests.conftest import DEMO_FLAGS, ROOT, RUN_DATE, dataset, metrics
+from tests.conftest import ROOT, RUN_DATE, dataset, metrics, nightly_args
 
 VENV_BIN = Path(sys.executable).parent
 # musicnn is left out to keep the suite short; tests/test_audio_encoder.py covers it.
-MODALITIES = "--modalities=text,image,audio_mfcc,features"
 ACCELERATOR = beam_runner_api_pb2.StandardResourceHints.Enum.ACCELERATOR
-
-
-def nightly_args(demo, output, *extra: str) -> list[str]:
-    return [f"--catalog={demo['catalog']}", f"--interactions={demo['interactions']}", f"--output={output}",
-            *DEMO_FLAGS, MODALITIES, *extra]
 
 
 def datasets(run_dir: Path) -> list[str]:
@@ -136,7 +130,7 @@ def job_service(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_portable_runner_with_external_workers_equals_local_runner(demo, tmp_path, job_service):
+def test_portable_runner_with_external_workers_equals_local_runner(demo, demo_night, tmp_path, job_service):
     job_endpoint, pool, env = job_service
     args = portable.PortableJob(job_endpoint=job_endpoint, environment_type="EXTERNAL",
                                 environment_config=pool).args()
@@ -147,8 +141,7 @@ def test_portable_runner_with_external_workers_equals_local_runner(demo, tmp_pat
     (summary,) = proc.stdout.splitlines()  # one line, for the scheduler's log
     assert summary.startswith(f"mmfuse nightly: wrote {tmp_path / 'portable' / RUN_DATE}: ")
 
-    assert nightly.main(nightly_args(demo, tmp_path / "local")) == 0
-    assert_same_runs(tmp_path / "local" / RUN_DATE, tmp_path / "portable" / RUN_DATE)
+    assert_same_runs(demo_night, tmp_path / "portable" / RUN_DATE)
 
 
 def test_portable_options_for_each_environment():
