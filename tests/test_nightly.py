@@ -26,7 +26,7 @@ MODALITIES = "--modalities=text,features"
 
 
 def _args(catalog: Path, interactions: Path, output: Path, night: str) -> list[str]:
-    return [f"--catalog={catalog}", f"--interactions={interactions}", f"--output={output}", DEMO_FLAGS[0],
+    return [f"--catalog={catalog}", f"--interactions={interactions}", f"--output={output}", *DEMO_FLAGS,
             MODALITIES, f"--run_date={night}"]
 
 

@@ -157,6 +157,31 @@ def test_lost_or_duplicated_pieces_fail_the_job():
         list(sharded._per_query((0, (2, ranked)), counts, 1000))
 
 
+def test_query_pieces_keep_their_hashes_and_exclusions():
+    """Cut by the hashes stored on the batch and put back together, every piece still carries its rows'
+    query hashes and exclusions."""
+    rng = np.random.default_rng(3)
+    queries = [(f"u{i}", rng.standard_normal(4), [f"i{j}" for j in rng.choice(100, i % 4, replace=False)])
+               for i in range(300)]
+    batch = sharded.Batch.stack(queries)
+    pieces = [piece for _, piece in sharded._cut(batch)]
+    assert len(pieces) > 1
+    for piece in pieces + [sharded.Batch.concat(pieces)]:
+        assert piece.hashes.tolist() == topk.mixed_hash(piece.ids).tolist()
+        assert piece.excluded_hashes.tolist() == topk.mixed_hash(piece.excluded_ids).tolist()
+        want = {q[0]: sorted(q[2]) for q in queries}
+        got = {u: sorted(piece.excluded_ids[piece.excluded_rows == row].tolist()) for row, u in enumerate(piece.ids)}
+        assert got == {u: want[u] for u in piece.ids.tolist()}
+
+
+def test_transform_refuses_windowed_records():
+    p = beam.Pipeline(runner=FnApiRunner())  # refused while the pipeline is built, never run
+    windowed = p | beam.Create([("u", np.ones(2), [])]) | beam.WindowInto(beam.window.FixedWindows(60))
+    items = p | "Items" >> beam.Create([{"item_id": "a", "vector": np.ones(2), "parts": {}}])
+    with pytest.raises(ValueError, match="global window"):
+        _ = {"queries": windowed, "items": items} | TopK(2)
+
+
 def every_bucket(pieces):
     """A side-input-like mapping: a bucket with no pieces reads as empty."""
     return {b: pieces.get(b, []) for b in range(sharded.BUCKETS)}

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.transforms.window import GlobalWindows
 
 from models import topk
 
@@ -28,6 +29,7 @@ USER_BATCH = 8192    # queries per batch: 8192 x 64 float32 is 2 MiB, plus the e
 ITEM_SHARD = 65536   # items per shard: 65536 x 64 float32 is 16 MiB per modality plus the fused vector; the
                      # per-batch work (exclusions, contributions, merging) is spread over more scores
 BUCKETS = 64         # a catalogue of more than BUCKETS x shard size items gets larger shards
+BLOCK = 8192         # records stacked at a time where they are read
 TASKS = 8            # tasks to aim for: a shard's batches split between a few, so every worker has work
 
 
@@ -82,20 +84,23 @@ class Shard(NamedTuple):
 
 class Batch(NamedTuple):
     """Queries stacked into a matrix, with the items each may not get as (row, item id) pairs, ordered by
-    row, and the mixed hash of each such item id, so a shard finds its own exclusions without hashing."""
+    row, and the mixed hashes of the query ids (their buckets) and of the excluded item ids (so a shard
+    finds its own exclusions without hashing)."""
     ids: np.ndarray              # (b,) str
     vectors: np.ndarray          # (b, D) float32
     excluded_rows: np.ndarray    # (e,) int64 query row, ascending
     excluded_ids: np.ndarray     # (e,) str item id
     excluded_hashes: np.ndarray  # (e,) uint64 mixed hash of the item id
+    hashes: np.ndarray           # (b,) uint64 mixed hash of each query id
 
     @staticmethod
     def stack(queries) -> Batch:
         excluded = [list(q[2]) for q in queries]
+        ids = np.array([q[0] for q in queries], dtype=str)
         excluded_ids = np.array([i for e in excluded for i in e], dtype=str)
-        return Batch(np.array([q[0] for q in queries], dtype=str), _matrix([q[1] for q in queries], "query"),
+        return Batch(ids, _matrix([q[1] for q in queries], "query"),
                      np.repeat(np.arange(len(queries)), [len(e) for e in excluded]), excluded_ids,
-                     topk.mixed_hash(excluded_ids))
+                     topk.mixed_hash(excluded_ids), topk.mixed_hash(ids))
 
     def take(self, rows: np.ndarray) -> Batch:
         new = np.full(len(self.ids), -1)
@@ -104,13 +109,13 @@ class Batch(NamedTuple):
         keep = np.flatnonzero(moved >= 0)
         keep = keep[np.argsort(moved[keep], kind="stable")]
         return Batch(self.ids[rows], self.vectors[rows], moved[keep], self.excluded_ids[keep],
-                     self.excluded_hashes[keep])
+                     self.excluded_hashes[keep], self.hashes[rows])
 
     def rows(self, lo: int, hi: int) -> Batch:
         """Rows ``lo`` to ``hi - 1``, as views."""
         a, b = np.searchsorted(self.excluded_rows, [lo, hi])
         return Batch(self.ids[lo:hi], self.vectors[lo:hi], self.excluded_rows[a:b] - lo, self.excluded_ids[a:b],
-                     self.excluded_hashes[a:b])
+                     self.excluded_hashes[a:b], self.hashes[lo:hi])
 
     @staticmethod
     def concat(pieces) -> Batch:
@@ -119,7 +124,7 @@ class Batch(NamedTuple):
         out = Batch(np.concatenate([p.ids for p in pieces]), _concat([p.vectors for p in pieces], "query"),
                     np.concatenate([p.excluded_rows + o for p, o in zip(pieces, offsets)]),
                     np.concatenate([p.excluded_ids for p in pieces]),
-                    np.concatenate([p.excluded_hashes for p in pieces]))
+                    np.concatenate([p.excluded_hashes for p in pieces]), np.concatenate([p.hashes for p in pieces]))
         return out.take(np.argsort(out.ids, kind="stable"))
 
 
@@ -202,17 +207,43 @@ class _Pieces(beam.PTransform):
         self._kind = kind
 
     def expand(self, records):
-        blocks = (records
-                  | "Bundle" >> beam.BatchElements(min_batch_size=1024, max_batch_size=8192)
-                  | "Stack" >> beam.Map(self._kind.stack))
+        if not isinstance(records.windowing.windowfn, GlobalWindows):
+            raise ValueError("TopK: records must be in the global window (a batch of all queries and items)")
+        blocks = records | "Stack" >> beam.ParDo(_Stack(self._kind))
         counts = (blocks
                   | "Count" >> beam.Map(lambda b: np.bincount(_buckets(b), minlength=BUCKETS))
                   | "Total" >> beam.CombineGlobally(lambda counts: sum(counts, np.zeros(BUCKETS, dtype=np.int64))))
         return blocks | "Cut" >> beam.FlatMap(_cut), counts
 
 
+class _Stack(beam.DoFn):
+    """Records into blocks of up to ``BLOCK`` rows, in the bundle that reads them. Records are stacked as
+    they are gathered, never handed on as a list: a runner samples an element's size by encoding it, and a
+    list of thousands of records, each array pickled on its own, costs more to encode than to stack."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self._kind = kind
+
+    def start_bundle(self):
+        self._records = []
+
+    def process(self, record):
+        self._records.append(record)
+        if len(self._records) == BLOCK:
+            yield self._flush()
+
+    def finish_bundle(self):
+        if self._records:
+            yield GlobalWindows.windowed_value(self._flush())
+
+    def _flush(self):
+        block, self._records = self._kind.stack(self._records), []
+        return block
+
+
 def _buckets(block) -> np.ndarray:
-    return topk.bucket(block.hashes if isinstance(block, Shard) else topk.mixed_hash(block.ids), BUCKETS)
+    return topk.bucket(block.hashes, BUCKETS)
 
 
 def _cut(block):
