@@ -69,6 +69,15 @@ def test_find_is_exact_when_hashes_collide():
         assert rows[found].tolist() == [2, 0, 3, 3]
 
 
+def test_utf8_ids_keep_their_order_and_round_trip():
+    ids = np.array(["b", "a1", "é", "𝒾", "z", "", "ïx"])
+    for raw in (topk.utf8(ids), topk.utf8(ids[[1, 4]])):  # the ASCII path and the UTF-8 one
+        assert raw.dtype.kind == "S"
+    assert topk.text(topk.utf8(ids)).tolist() == ids.tolist()
+    assert np.argsort(topk.utf8(ids)).tolist() == np.argsort(ids).tolist()
+    assert topk.mixed_hash(ids).tolist() == topk.mixed_hash(topk.utf8(ids)).tolist()
+
+
 def test_spans_cover_the_counted_buckets_in_near_equal_ranges():
     counts = np.random.default_rng(0).integers(0, 50, sharded.BUCKETS)
     counts[:5] = 0  # empty ranges are left out
@@ -77,6 +86,25 @@ def test_spans_cover_the_counted_buckets_in_near_equal_ranges():
     assert len(spans) <= int(np.ceil(counts.sum() / 300))
     assert all(a.hi <= b.lo for a, b in zip(spans, spans[1:]))
     assert len(sharded.spans(counts, 1)) == np.count_nonzero(counts)  # at most one span per bucket
+
+
+@pytest.mark.parametrize("n_items,n_queries", [(300, 5000), (900, 5000), (1500, 5000), (900, 100), (50, 50)])
+def test_tasks_cover_every_pair_once_in_an_even_count(n_items, n_queries):
+    """Each shard is read by as few tasks as an even split between ``TASKS`` workers allows."""
+    item_counts, query_counts = (np.bincount(np.arange(n) % sharded.BUCKETS, minlength=sharded.BUCKETS)
+                                 for n in (n_items, n_queries))
+    tasks = [task for _, task in sharded._tasks(item_counts, query_counts, 300, 100)]
+    shards, batches = sharded.spans(item_counts, 300), sharded.spans(query_counts, 100)
+    pairs = sorted((shard, batch) for shard, some in tasks for batch in some)
+    assert pairs == sorted((shard, batch) for shard in shards for batch in batches)
+    assert max(len(some) for _, some in tasks) <= max(sharded.TASK_BATCHES, 1)
+    if len(batches) > sharded.TASK_BATCHES:
+        assert len(tasks) == len(shards) * max(np.lcm(len(shards), sharded.TASKS) // len(shards),
+                                               -(-len(batches) // sharded.TASK_BATCHES))
+    elif len(batches) >= sharded.TASKS:
+        assert len(tasks) == np.lcm(len(shards), sharded.TASKS)
+    else:  # too few batches to split: one task per shard
+        assert len(tasks) == len(shards)
 
 
 def test_id_hash_is_fnv1a():
@@ -101,7 +129,9 @@ def problem(n_queries, n_items, dim, n_excluded):
     rng = np.random.default_rng(n_items)
     q, x = data(rng, n_queries, n_items, dim, integer=n_items == 40)
     share = rng.uniform(0, 1, (n_items, 1)).astype(np.float32)
-    item_ids = np.array([f"i{j}" for j in range(n_items)])  # string order differs from number order
+    # string order differs from number order; ids of 1 to 4 UTF-8 bytes a character, whose byte order is
+    # their code-point order
+    item_ids = np.array([f"{'iïé𝒾'[j % 4]}{j}" for j in range(n_items)])
     items = [{"item_id": item_ids[j], "vector": x[j],
               "parts": {"text": share[j] * x[j], "image": x[j] - share[j] * x[j]} if j % 3 else {"text": x[j]}}
              for j in range(n_items)]
@@ -158,20 +188,21 @@ def test_lost_or_duplicated_pieces_fail_the_job():
 
 
 def test_query_pieces_keep_their_hashes_and_exclusions():
-    """Cut by the hashes stored on the batch and put back together, every piece still carries its rows'
-    query hashes and exclusions."""
+    """Cut by the hashes stored on the batch, put back together and cut into rows, every piece still
+    carries its rows' query hashes and exclusions."""
     rng = np.random.default_rng(3)
     queries = [(f"u{i}", rng.standard_normal(4), [f"i{j}" for j in rng.choice(100, i % 4, replace=False)])
                for i in range(300)]
     batch = sharded.Batch.stack(queries)
     pieces = [piece for _, piece in sharded._cut(batch)]
     assert len(pieces) > 1
-    for piece in pieces + [sharded.Batch.concat(pieces)]:
+    whole = sharded.Batch.concat(pieces)
+    for piece in pieces + [whole, whole.rows(7, 123), whole.rows(0, 0)]:
         assert piece.hashes.tolist() == topk.mixed_hash(piece.ids).tolist()
-        assert piece.excluded_hashes.tolist() == topk.mixed_hash(piece.excluded_ids).tolist()
         want = {q[0]: sorted(q[2]) for q in queries}
-        got = {u: sorted(piece.excluded_ids[piece.excluded_rows == row].tolist()) for row, u in enumerate(piece.ids)}
-        assert got == {u: want[u] for u in piece.ids.tolist()}
+        ids, excluded = topk.text(piece.ids).tolist(), topk.text(piece.excluded_ids)
+        got = {u: sorted(excluded[piece.excluded_rows() == row].tolist()) for row, u in enumerate(ids)}
+        assert got == {u: want[u] for u in ids}
 
 
 def test_transform_refuses_windowed_records():

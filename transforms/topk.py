@@ -16,6 +16,7 @@ id, so the result does not depend on how ids are cut up.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -30,13 +31,16 @@ ITEM_SHARD = 65536   # items per shard: 65536 x 64 float32 is 16 MiB per modalit
                      # per-batch work (exclusions, contributions, merging) is spread over more scores
 BUCKETS = 64         # a catalogue of more than BUCKETS x shard size items gets larger shards
 BLOCK = 8192         # records stacked at a time where they are read
-TASKS = 8            # tasks to aim for: a shard's batches split between a few, so every worker has work
+TASKS = 2            # the task count is a multiple of this (the workers to share them evenly), and no larger:
+                     # every task reads its whole shard through the runner
+TASK_BATCHES = 16    # at most this many query batches per task, so a big job still spreads over many workers
 
 
 class Shard(NamedTuple):
     """Items stacked into matrices: a piece of input items, or a whole shard with rows sorted by item id
-    (so that column order breaks ties as the item id does)."""
-    ids: np.ndarray          # (s,) str
+    (so that column order breaks ties as the item id does). Ids are UTF-8 bytes (``models.topk.utf8``) until
+    ``TopK`` yields them: numpy's str spends 4 bytes a character, and millions of ids cross the runner."""
+    ids: np.ndarray          # (s,) bytes
     vectors: np.ndarray      # (s, D) float32, fused
     modalities: tuple        # names of the parts, sorted
     parts: np.ndarray        # (M, s, D) float32; zero where an item lacks the modality
@@ -45,7 +49,7 @@ class Shard(NamedTuple):
 
     @staticmethod
     def stack(items) -> Shard:
-        ids = np.array([item["item_id"] for item in items], dtype=str)
+        ids = topk.utf8([item["item_id"] for item in items])
         vectors = _matrix([item["vector"] for item in items], "item")
         modalities = tuple(sorted({m for item in items for m in item["parts"]}))
         parts = np.zeros((len(modalities), *vectors.shape), dtype=np.float32)
@@ -83,55 +87,59 @@ class Shard(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """Queries stacked into a matrix, with the items each may not get as (row, item id) pairs, ordered by
-    row, and the mixed hashes of the query ids (their buckets) and of the excluded item ids (so a shard
-    finds its own exclusions without hashing)."""
-    ids: np.ndarray              # (b,) str
-    vectors: np.ndarray          # (b, D) float32
-    excluded_rows: np.ndarray    # (e,) int64 query row, ascending
-    excluded_ids: np.ndarray     # (e,) str item id
-    excluded_hashes: np.ndarray  # (e,) uint64 mixed hash of the item id
-    hashes: np.ndarray           # (b,) uint64 mixed hash of each query id
+    """Queries stacked into a matrix, with the items each may not get (row r's are ``excluded_ids[
+    starts[r]:starts[r + 1]]``), and the mixed hashes of the query ids (their buckets). Ids are UTF-8 bytes,
+    as in ``Shard``. The excluded ids are most of what crosses the runner, so nothing else is kept per
+    exclusion: a task hashes them when it reads the batch, which costs less than moving the hashes."""
+    ids: np.ndarray           # (b,) bytes
+    vectors: np.ndarray       # (b, D) float32
+    starts: np.ndarray        # (b + 1,) int64: where each row's excluded ids start
+    excluded_ids: np.ndarray  # (e,) bytes item id
+    hashes: np.ndarray        # (b,) uint64 mixed hash of each query id
 
     @staticmethod
     def stack(queries) -> Batch:
         excluded = [list(q[2]) for q in queries]
-        ids = np.array([q[0] for q in queries], dtype=str)
-        excluded_ids = np.array([i for e in excluded for i in e], dtype=str)
-        return Batch(ids, _matrix([q[1] for q in queries], "query"),
-                     np.repeat(np.arange(len(queries)), [len(e) for e in excluded]), excluded_ids,
-                     topk.mixed_hash(excluded_ids), topk.mixed_hash(ids))
+        ids = topk.utf8([q[0] for q in queries])
+        return Batch(ids, _matrix([q[1] for q in queries], "query"), _starts([len(e) for e in excluded]),
+                     topk.utf8(list(itertools.chain.from_iterable(excluded))), topk.mixed_hash(ids))
 
     def take(self, rows: np.ndarray) -> Batch:
-        new = np.full(len(self.ids), -1)
-        new[rows] = np.arange(len(rows))
-        moved = new[self.excluded_rows]
-        keep = np.flatnonzero(moved >= 0)
-        keep = keep[np.argsort(moved[keep], kind="stable")]
-        return Batch(self.ids[rows], self.vectors[rows], moved[keep], self.excluded_ids[keep],
-                     self.excluded_hashes[keep], self.hashes[rows])
+        counts = np.diff(self.starts)[rows]
+        starts = _starts(counts)
+        moved = np.repeat(self.starts[:-1][rows] - starts[:-1], counts) + np.arange(starts[-1])
+        return Batch(self.ids[rows], self.vectors[rows], starts, self.excluded_ids[moved], self.hashes[rows])
 
     def rows(self, lo: int, hi: int) -> Batch:
         """Rows ``lo`` to ``hi - 1``, as views."""
-        a, b = np.searchsorted(self.excluded_rows, [lo, hi])
-        return Batch(self.ids[lo:hi], self.vectors[lo:hi], self.excluded_rows[a:b] - lo, self.excluded_ids[a:b],
-                     self.excluded_hashes[a:b], self.hashes[lo:hi])
+        a, b = self.starts[lo], self.starts[hi]
+        return Batch(self.ids[lo:hi], self.vectors[lo:hi], self.starts[lo:hi + 1] - a, self.excluded_ids[a:b],
+                     self.hashes[lo:hi])
+
+    def excluded_rows(self) -> np.ndarray:
+        """The query row of each excluded id."""
+        return np.repeat(np.arange(len(self.ids)), np.diff(self.starts))
 
     @staticmethod
     def concat(pieces) -> Batch:
         """One batch from its pieces, rows sorted by query id."""
-        offsets = np.cumsum([0] + [len(p.ids) for p in pieces[:-1]])
         out = Batch(np.concatenate([p.ids for p in pieces]), _concat([p.vectors for p in pieces], "query"),
-                    np.concatenate([p.excluded_rows + o for p, o in zip(pieces, offsets)]),
-                    np.concatenate([p.excluded_ids for p in pieces]),
-                    np.concatenate([p.excluded_hashes for p in pieces]), np.concatenate([p.hashes for p in pieces]))
+                    _starts(np.concatenate([np.diff(p.starts) for p in pieces])),
+                    np.concatenate([p.excluded_ids for p in pieces]), np.concatenate([p.hashes for p in pieces]))
         return out.take(np.argsort(out.ids, kind="stable"))
 
 
+def _starts(counts) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
 class Ranked(NamedTuple):
-    """Best items for a batch of queries (or one query): best first, padded with '' / -inf past the end."""
+    """Best items for a batch of queries (or one query): best first, padded with '' / -inf past the end.
+    A batch's partials carry UTF-8 ids (``models.topk.utf8``); what ``TopK`` yields carries str."""
     query_ids: np.ndarray    # (b,)
-    item_ids: np.ndarray     # (b, k) str
+    item_ids: np.ndarray     # (b, k)
     scores: np.ndarray       # (b, k) float32
     modalities: tuple        # (M,)
     contributions: np.ndarray  # (b, k, M) float32: <query, part>; NaN where the item lacks the modality
@@ -257,11 +265,14 @@ def _cut(block):
 
 
 def _tasks(item_counts, query_counts, shard_size: int, batch_size: int):
-    """Every (shard, batch) pair once, as tasks of one shard and some of its batches: at least ``TASKS``
-    tasks where there are enough batches, so that the shards are read a few times, not once per batch.
-    Largest first: a runner that deals tasks out in turn then gives its workers near-equal shares."""
+    """Every (shard, batch) pair once, as tasks of one shard and some of its batches: the fewest tasks
+    whose number is a multiple of ``TASKS`` (where there are enough batches) and that hold at most
+    ``TASK_BATCHES`` batches each, so that each shard is read as few times as an even split allows while a
+    large job still has a task for every worker. Largest first: a runner that deals tasks out in turn then gives
+    its workers near-equal shares."""
     shards, batches = spans(item_counts, shard_size), spans(query_counts, batch_size)
-    per_shard = max(1, min(len(batches), math.ceil(TASKS / max(1, len(shards)))))
+    even = TASKS // math.gcd(len(shards), TASKS)
+    per_shard = max(1, min(len(batches), max(even, math.ceil(len(batches) / TASK_BATCHES))))
     tasks = [(shard, batches[j::per_shard]) for shard in shards for j in range(per_shard) if batches[j::per_shard]]
     tasks.sort(key=lambda t: -t[0].rows * sum(b.rows for b in t[1]))
     yield from enumerate(tasks)
@@ -283,11 +294,12 @@ def _partial(task, k, items, queries):
     shard = _read(Shard, items, span, "item")
     for batch_span in batch_spans:
         batch = _read(Batch, queries, batch_span, "query")
-        buckets = topk.bucket(batch.excluded_hashes, BUCKETS)
+        hashes = topk.mixed_hash(batch.excluded_ids)
+        buckets = topk.bucket(hashes, BUCKETS)
         mine = np.flatnonzero((buckets >= span.lo) & (buckets < span.hi))
-        found, cols = topk.find(shard.ids, shard.hashes, batch.excluded_ids[mine], batch.excluded_hashes[mine])
-        columns, scores = topk.top_k(batch.vectors, shard.vectors, k, (batch.excluded_rows[mine][found], cols[found]))
-        item_ids = np.where(columns >= 0, shard.ids[np.maximum(columns, 0)], "")
+        found, cols = topk.find(shard.ids, shard.hashes, batch.excluded_ids[mine], hashes[mine])
+        columns, scores = topk.top_k(batch.vectors, shard.vectors, k, (batch.excluded_rows()[mine][found], cols[found]))
+        item_ids = np.where(columns >= 0, shard.ids[np.maximum(columns, 0)], b"")
         yield batch_span.lo, Ranked(batch.ids, item_ids, scores, shard.modalities,
                                     topk.contributions(batch.vectors, shard.parts, shard.has, columns))
 
@@ -337,8 +349,8 @@ def _per_query(batch, item_counts, shard_size: int):
     if merged != shards:
         raise RuntimeError(f"TopK: a query batch merged {merged} partial rankings for {shards} item shards: "
                            "the runner lost or duplicated data")
-    for row, query in enumerate(r.query_ids.tolist()):
-        n = int(np.count_nonzero(r.scores[row] > -np.inf))
+    item_ids, found = topk.text(r.item_ids), np.count_nonzero(r.scores > -np.inf, axis=1).tolist()
+    for row, (query, n) in enumerate(zip(topk.text(r.query_ids).tolist(), found)):
         if n:
-            yield query, Ranked(query, r.item_ids[row, :n], r.scores[row, :n], r.modalities,
+            yield query, Ranked(query, item_ids[row, :n], r.scores[row, :n], r.modalities,
                                 r.contributions[row, :n])
