@@ -51,14 +51,14 @@ def movielens_night(tmp_path_factory) -> dict:
     """MovieLens-small converted to the contract and its first nightly run (skips without the shared data):
     ``paths`` (catalog, interactions), ``out`` (the output root) and ``first`` (the run folder)."""
     from examples import movielens
-    from pipelines import nightly
     tmp = tmp_path_factory.mktemp("movielens")
     paths = movielens.convert(shared("movielens"), tmp / "ml")
     out = tmp / "out"
-    return {"paths": paths, "out": out, "first": movielens_run(paths, out, "2026-11-25", nightly)}
+    return {"paths": paths, "out": out, "first": movielens_run(paths, out, "2026-11-25")}
 
 
-def movielens_run(paths: dict, out: Path, date: str, nightly, catalog=None) -> Path:
+def movielens_run(paths: dict, out: Path, date: str, catalog=None) -> Path:
+    from pipelines import nightly
     # The first night fits the alignment for one epoch (its quality is pipelines/evaluate.py's business);
     # the next night reuses that artifact, as a nightly schedule with --refit=never|weekly does.
     assert nightly.main([f"--catalog={catalog or paths['catalog']}", f"--interactions={paths['interactions']}",

@@ -6,7 +6,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from pipelines import nightly
 from tests.conftest import dataset, metrics, movielens_run
 from tests.test_recommend import check_movielens
 
@@ -55,7 +54,7 @@ def test_movielens_nights(movielens_night, tmp_path):
             r["image_uri"] = str(mirrored)
     edited = tmp_path / "edited.parquet"
     pq.write_table(pa.Table.from_pylist(catalog, schema=pq.read_schema(paths["catalog"])), edited)
-    second_dir = movielens_run(paths, out, "2026-11-26", nightly, catalog=edited)
+    second_dir = movielens_run(paths, out, "2026-11-26", catalog=edited)
     second = metrics(second_dir)
     assert second["alignment"]["reused_from"] == str(first / "alignment")
     assert second["modalities"]["text"] == {"encoded": 10, "reused": 9732, "dead": 0}
