@@ -109,6 +109,15 @@ def contributions(queries, parts, has, columns):  # pragma: no cover - compiled
     return out
 
 
+def compile_kernels() -> None:
+    """Compile the kernels (or load them from numba's cache) on a tiny input, before any data is held: the
+    compiler's memory stays with the process, and taken in the middle of a first task it lands on top of
+    that task's data."""
+    one = np.ones((1, 1), dtype=np.float32)
+    columns, _ = top_k(one, one, 1, (np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64)))
+    contributions(one, one[None], np.ones((1, 1), dtype=bool), columns)
+
+
 def utf8(ids) -> np.ndarray:
     """Ids as UTF-8 bytes (numpy ``S``): a quarter of the size of numpy's 4-byte characters, which matters
     for the millions of ids that cross a runner, and ordered as the ids are (UTF-8 keeps code-point order)."""

@@ -107,6 +107,21 @@ def test_tasks_cover_every_pair_once_in_an_even_count(n_items, n_queries):
         assert len(tasks) == len(shards)
 
 
+def test_compile_kernels_compiles_what_top_k_runs():
+    # A worker compiles before it holds a shard: the types compiled must be those top_k and the transform use,
+    # or the first real call compiles again in the middle of a task.
+    topk.compile_kernels()
+    compiled = (len(topk._scan.signatures), len(topk.contributions.signatures))
+    rng = np.random.default_rng(0)
+    q, x = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((30, 8)).astype(np.float32)
+    shard = sharded.Shard.stack([{"item_id": f"i{j}", "vector": x[j], "parts": {"text": x[j]}} for j in range(30)])
+    shard = shard.take(np.argsort(shard.ids))
+    columns, _ = topk.top_k(q, shard.vectors, 3, (np.array([0]), np.array([2])))
+    topk.contributions(q, shard.parts, shard.has, columns)
+    assert compiled[0] >= 1 and compiled[1] >= 1
+    assert (len(topk._scan.signatures), len(topk.contributions.signatures)) == compiled
+
+
 def test_id_hash_is_fnv1a():
     # Published FNV-1a 64-bit test vectors: the hash must not depend on the process (unlike hash()).
     assert topk.id_hash(["", "a", "foobar"]).tolist() == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C,

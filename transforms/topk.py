@@ -16,6 +16,7 @@ id, so the result does not depend on how ids are cut up.
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 from typing import NamedTuple
@@ -200,8 +201,8 @@ class TopK(beam.PTransform):
                  | "Tasks" >> beam.FlatMap(_tasks, beam.pvalue.AsSingleton(query_counts), self._shard, self._batch)
                  | "Spread" >> beam.Reshuffle())
         return (tasks
-                | "PartialTopK" >> beam.FlatMap(_partial, self._k, beam.pvalue.AsMultiMap(items),
-                                                beam.pvalue.AsMultiMap(queries))
+                | "PartialTopK" >> beam.ParDo(_PartialTopK(self._k), beam.pvalue.AsMultiMap(items),
+                                              beam.pvalue.AsMultiMap(queries))
                 | "MergePartials" >> beam.CombinePerKey(MergeRanked(self._k))
                 | "PerQuery" >> beam.FlatMap(_per_query, beam.pvalue.AsSingleton(item_counts), self._shard))
 
@@ -285,6 +286,32 @@ def _read(kind, pieces, span: Span, what: str):
         raise RuntimeError(f"TopK: {what} buckets {span.lo}..{span.hi - 1} hold {len(block.ids)} records where "
                            f"{span.rows} were counted: the runner lost or duplicated data")
     return block
+
+
+try:
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim  # glibc
+except (OSError, AttributeError):  # another C library: nothing to hand back
+    _MALLOC_TRIM = None
+
+
+class _PartialTopK(beam.DoFn):
+    """``_partial``, with a worker's peak memory kept close to one task's data however many tasks it runs:
+    the kernels are compiled before the first task (the compiler's memory stays), and before each task the
+    pages freed by earlier work (other stages, earlier tasks) go back to the system. glibc keeps freed
+    memory in per-thread pools, and a runner runs bundles on several threads, so a task would otherwise
+    take fresh pages on top of them."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self._k = k
+
+    def setup(self):
+        topk.compile_kernels()
+
+    def process(self, task, items, queries):
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+        yield from _partial(task, self._k, items, queries)
 
 
 def _partial(task, k, items, queries):
