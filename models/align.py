@@ -21,6 +21,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from models import collaborative
+
 CF = "cf"  # name of the collaborative modality
 MODEL_FILE, CONFIG_FILE = "alignment.keras", "alignment.json"
 PAD_ITEMS = 256
@@ -158,7 +160,9 @@ class AlignConfig:
     hidden: int = 256  # 0: linear heads
     fusion: str = "attention"
     fusion_weights: dict = dataclasses.field(default_factory=dict)
-    collaborative: bool = True  # learn the cf modality for items seen in training interactions
+    collaborative: bool = True  # a cf modality for items seen in training interactions
+    cf_vectors: str = "learned"  # "learned" with the heads, or "ease": closed form (models.collaborative), held fixed
+    cf_beta: float = 0.75  # "ease": how far popularity tilts the vectors (validation on MovieLens: 0.75 at dim 64, 0.5 at 256)
     temperature: float = 0.1
     modality_dropout: float = 0.3
     history: int = 30  # most recent earlier items forming a training user's history
@@ -345,6 +349,13 @@ def fit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndarray],
         callbacks.append(keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True))
     if log_dir:
         callbacks.append(keras.callbacks.TensorBoard(log_dir))
+    if len(cf_items) and config.cf_vectors == "ease":
+        rows = np.searchsorted(cf_items, train[1])
+        model.cf_table.build((None,))
+        model.cf_table.set_weights([np.r_[np.zeros((1, config.dim), np.float32),
+                                          collaborative.ease_vectors(train[0], rows, len(cf_items), config.dim,
+                                                                      beta=config.cf_beta)]])
+        model.cf_table.trainable = False
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
     history = model.fit(data, validation_data=val, epochs=config.epochs, callbacks=callbacks, verbose=0, shuffle=False)
     aligner.metrics = {k: [float(v) for v in vs] for k, vs in history.history.items()}

@@ -26,7 +26,7 @@ from transforms.parquet import read_dataset
 
 CONTENT = ("text", "image")
 METHODS = ("popular", "item_knn", "als", "random", "text", "image", "concat", "pca",
-           "contrastive_mean", "contrastive_attention", "contrastive_cf")
+           "contrastive_mean", "contrastive_attention", "contrastive_cf", "contrastive_ease")
 COLD_ID_ONLY = ("popular", "item_knn", "als")  # cannot score items without interactions
 
 
@@ -93,9 +93,16 @@ def content_vectors(method: str, known: align.Catalog, catalog: align.Catalog, s
     if method == "pca":
         from pipelines.align import fit_pca_local
         return applied(fit_pca_local(known, dim=64), catalog, split, {})
-    fusion = "mean" if method == "contrastive_mean" else "attention"
-    config = align.AlignConfig(fusion=fusion, collaborative=method == "contrastive_cf", seed=seed)
-    return fit_alignment(known, catalog, split, config)
+    return fit_alignment(known, catalog, split, dataclasses.replace(CONFIGS[method], seed=seed))
+
+
+CONFIGS = {  # the contrastive methods; dim 256 and beta 0.5 for the closed-form cf were chosen on validation
+    "contrastive_mean": align.AlignConfig(fusion="mean", collaborative=False),
+    "contrastive_attention": align.AlignConfig(fusion="attention", collaborative=False),
+    "contrastive_cf": align.AlignConfig(fusion="attention"),
+    "contrastive_ease": align.AlignConfig(dim=256, cf_vectors="ease", cf_beta=0.5, fusion="weighted",
+                                          fusion_weights={"text": 0.15, "image": 0.05, "cf": 0.8}),
+}
 
 
 def run(inter: ev.Interactions, catalog: align.Catalog, methods=METHODS, seed: int = 0, log=print) -> dict:
@@ -148,7 +155,9 @@ LABELS = {"popular": "most popular", "item_knn": "item-kNN (cosine, 100 neighbou
           "image": "content kNN: image (MobileNetV2)", "concat": "fused, no alignment (normalised, concatenated)",
           "pca": "PCA alignment (tf.Transform), mean fusion", "contrastive_mean": "contrastive alignment, mean fusion",
           "contrastive_attention": "contrastive alignment, attention fusion",
-          "contrastive_cf": "contrastive + collaborative modality, attention fusion"}
+          "contrastive_cf": "contrastive + collaborative modality, attention fusion",
+          "contrastive_ease": "contrastive + closed-form collaborative modality (EASE), dim 256, weighted fusion "
+                              "(cf 0.8, text 0.15, image 0.05)"}
 
 
 def markdown(results: dict) -> str:
