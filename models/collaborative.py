@@ -26,9 +26,8 @@ def ease_vectors(user: np.ndarray, item: np.ndarray, n_items: int, dim: int, l2:
     if n_items > MAX_ITEMS:
         raise ValueError(f"closed-form cf vectors invert an items x items matrix: {n_items} items with interactions "
                          f"is more than {MAX_ITEMS}; use the learned cf modality for a catalogue this size")
-    if not 2 <= dim <= n_items + 1:
-        raise ValueError(f"closed-form cf vectors: dim must be between 2 and the item count + 1 ({n_items + 1}), "
-                         f"got {dim}")
+    if dim < 2:
+        raise ValueError(f"closed-form cf vectors: dim must be at least 2, got {dim}")
     users = np.unique(user, return_inverse=True)[1]
     x = scipy.sparse.csr_matrix((np.ones(len(users)), (users, item)), shape=(users.max(initial=-1) + 1, n_items))
     x.data[:] = 1.0  # duplicates were summed
@@ -36,11 +35,12 @@ def ease_vectors(user: np.ndarray, item: np.ndarray, n_items: int, dim: int, l2:
     p = scipy.linalg.inv(gram, overwrite_a=True)
     b = -p / np.diag(p)[None, :]
     np.fill_diagonal(b, 0.0)
-    rank = dim - 1
+    rank = min(dim - 1, n_items)  # a catalogue smaller than the space leaves the other coordinates zero
     values, vectors = scipy.linalg.eigh((b + b.T) / 2, subset_by_index=[n_items - rank, n_items - 1])
     vectors = vectors[:, ::-1] * np.sqrt(np.maximum(values[::-1], 0.0))
     largest = np.argmax(np.abs(vectors), axis=0)
     vectors *= np.sign(vectors[largest, np.arange(rank)])
+    vectors = np.pad(vectors, ((0, 0), (0, dim - 1 - rank)))
     norms = np.linalg.norm(vectors, axis=1)
     bonus = beta * np.sqrt(norms / max(norms.max(), 1e-12))
     unit = vectors / np.maximum(norms, 1e-12)[:, None]

@@ -52,11 +52,16 @@ def test_history_scores_are_the_symmetric_ease_weights_at_full_rank():
     assert np.allclose(matrix @ x @ x.T, matrix @ (positive / np.outer(norms, norms)), atol=1e-4)
 
 
-def test_too_many_items_or_a_bad_dim_is_refused():
+def test_too_many_items_or_a_bad_dim_is_refused_and_a_small_catalogue_is_padded():
     with pytest.raises(ValueError, match="learned cf"):
         collaborative.ease_vectors(np.zeros(1, int), np.zeros(1, int), collaborative.MAX_ITEMS + 1, 8)
     with pytest.raises(ValueError, match="dim"):
-        collaborative.ease_vectors(np.zeros(1, int), np.zeros(1, int), 3, 8)
+        collaborative.ease_vectors(np.zeros(1, int), np.zeros(1, int), 3, 1)
+    users, items = _two_groups()
+    small = collaborative.ease_vectors(users, items, 20, dim=32, l2=5.0)
+    assert small.shape == (20, 32) and np.allclose(np.linalg.norm(small, axis=1), 1.0, atol=1e-5)
+    full = collaborative.ease_vectors(users, items, 20, dim=21, l2=5.0)
+    assert np.array_equal(small[:, :20], full[:, :20]) and not small[:, 20:31].any()
 
 
 def test_alignment_keeps_the_closed_form_vectors_fixed():
