@@ -74,9 +74,9 @@ class AlignmentModel(keras.Model):
     Output: ``{"aligned": (n, M, dim) unit vectors, "weights": (n, M), "fused": (n, dim), "parts": ...}``."""
 
     def __init__(self, dims: dict, dim: int = 64, hidden: int = 256, n_cf: int = 0, fusion: str = "attention",
-                 logits: Sequence[float] | None = None, temperature: float = 0.1, **kwargs):
+                 logits: Sequence[float] | None = None, temperature: float = 0.1, fixed_cf: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.dims, self.dim, self.hidden, self.n_cf = dict(dims), dim, hidden, n_cf
+        self.dims, self.dim, self.hidden, self.n_cf, self.fixed_cf = dict(dims), dim, hidden, n_cf, fixed_cf
         self.fusion, self.temperature = fusion, temperature
         self.modalities = list(self.dims) + ([CF] if n_cf else [])
         self.logits = None if logits is None else [float(v) for v in logits]
@@ -84,7 +84,7 @@ class AlignmentModel(keras.Model):
         self.heads = {m: keras.Sequential(([layers.Dense(hidden, activation="gelu")] if hidden else [])
                                           + [layers.Dense(dim)], name=f"head_{m}") for m in self.dims}
         if n_cf:
-            self.cf_table = layers.Embedding(n_cf + 1, dim, name="cf_table")
+            self.cf_table = layers.Embedding(n_cf + 1, dim, name="cf_table", trainable=not fixed_cf)
         if fusion == "attention":  # a score per (item, modality) from the aligned vector, plus a modality bias
             self.gate = keras.Sequential([layers.Dense(32, activation="tanh"), layers.Dense(1)], name="gate")
             self.gate_bias = self.add_weight(shape=(len(self.modalities),), initializer="zeros", name="gate_bias")
@@ -142,7 +142,8 @@ class AlignmentModel(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), "dims": self.dims, "dim": self.dim, "hidden": self.hidden,
-                "n_cf": self.n_cf, "fusion": self.fusion, "logits": self.logits, "temperature": self.temperature}
+                "n_cf": self.n_cf, "fusion": self.fusion, "logits": self.logits, "temperature": self.temperature,
+                "fixed_cf": self.fixed_cf}
 
 
 def _info_nce(logits, valid):
@@ -334,7 +335,9 @@ def fit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndarray],
     cf_items = (np.unique(train[1]) if config.collaborative else np.array([], np.int64))
     logits = None if config.fusion == "attention" else fixed_logits(
         list(dims) + ([CF] if len(cf_items) else []), config.fusion, config.fusion_weights).tolist()
-    model = AlignmentModel(dims, config.dim, config.hidden, len(cf_items), config.fusion, logits, config.temperature)
+    fixed_cf = bool(len(cf_items)) and config.cf_vectors == "ease"
+    model = AlignmentModel(dims, config.dim, config.hidden, len(cf_items), config.fusion, logits, config.temperature,
+                           fixed_cf)
     present = catalog.present()
     model.set_statistics({m: (np.nanmean(catalog.features[m][present[:, j]], 0), np.nanstd(catalog.features[m][present[:, j]], 0))
                           for j, m in enumerate(dims)})
@@ -349,13 +352,12 @@ def fit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndarray],
         callbacks.append(keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True))
     if log_dir:
         callbacks.append(keras.callbacks.TensorBoard(log_dir))
-    if len(cf_items) and config.cf_vectors == "ease":
+    if fixed_cf:
         rows = np.searchsorted(cf_items, train[1])
         model.cf_table.build((None,))
         model.cf_table.set_weights([np.r_[np.zeros((1, config.dim), np.float32),
                                           collaborative.ease_vectors(train[0], rows, len(cf_items), config.dim,
                                                                       beta=config.cf_beta)]])
-        model.cf_table.trainable = False
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
     history = model.fit(data, validation_data=val, epochs=config.epochs, callbacks=callbacks, verbose=0, shuffle=False)
     aligner.metrics = {k: [float(v) for v in vs] for k, vs in history.history.items()}

@@ -64,7 +64,7 @@ def test_too_many_items_or_a_bad_dim_is_refused_and_a_small_catalogue_is_padded(
     assert np.array_equal(small[:, :20], full[:, :20]) and not small[:, 20:31].any()
 
 
-def test_alignment_keeps_the_closed_form_vectors_fixed():
+def test_alignment_keeps_the_closed_form_vectors_fixed(tmp_path):
     catalog, train, val = _data()
     config = dataclasses.replace(SMALL, cf_vectors="ease", cf_beta=0.6)
     fitted = align.fit(catalog, train, val, config)
@@ -76,6 +76,9 @@ def test_alignment_keeps_the_closed_form_vectors_fixed():
     rows = np.flatnonzero(np.isin(np.arange(len(catalog.item_ids)), cf_items))
     assert np.allclose(out["aligned"][rows, j], expected, atol=1e-6)
     assert not out["mask"][np.setdiff1d(np.arange(len(catalog.item_ids)), cf_items), j].any()
+    fitted.save(tmp_path / "alignment")  # the frozen table is saved and applies as fitted
+    again = align.load(tmp_path / "alignment").apply(catalog.item_ids, catalog.features)
+    assert np.allclose(again["fused"], out["fused"], atol=1e-6) and again["weights"].shape == out["weights"].shape
 
 
 def test_pipeline_options_choose_closed_form_vectors():
