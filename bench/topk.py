@@ -254,7 +254,8 @@ def summarise(a, samples, memory) -> dict:
                        "gflops": flops / ours["seconds"] / 1e9, "net_gflops": flops / net / 1e9,
                        "rss_worker_mb": ours["rss_workers_mb"], "rss_runner_mb": ours["rss_self_mb"],
                        "inputs_seconds": best["inputs"]["seconds"]},
-              "memory": {str(n): {"users": a.memory_users, "shard": a.items // 2, "rss_worker_mb": [r["rss_workers_mb"] for r in runs],
+              "memory": {str(n): {"users": a.memory_users, "shard": a.items // 2,
+                                  "rss_worker_mb": [r["rss_workers_mb"] for r in runs],
                                   "rss_runner_mb": [r["rss_self_mb"] for r in runs]} for n, runs in memory.items()},
               "samples": {kind: [{k: v for k, v in r.items() if k != "sample"} for r in runs]
                           for kind, runs in samples.items()}}

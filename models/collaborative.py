@@ -16,6 +16,7 @@ import scipy.linalg
 import scipy.sparse
 
 MAX_ITEMS = 20_000  # the Gram matrix is items x items, dense, and inverted
+# Defaults: lambda 300 won on MovieLens validation at dims 64, 128 and 256; beta 0.75 at dim 64 (0.5 at 256).
 
 
 def ease_vectors(user: np.ndarray, item: np.ndarray, n_items: int, dim: int, l2: float = 300.0,
