@@ -163,7 +163,7 @@ class AlignHandler(ModelHandler[dict, dict, Any]):
     """Embeddings rows -> item rows, with the artifact whose folder arrives as a side input."""
 
     def __init__(self, batch_size: int = 512):
-        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)  # fixed, as EncoderHandler
         self._folder = None
 
     def update_model_path(self, model_path: str | None = None):

@@ -19,7 +19,9 @@ class EncoderHandler(ModelHandler[tuple[Any, Any], tuple[Any, np.ndarray], Encod
     """Keyed preprocessed inputs ``(key, x)`` -> ``(key, vector)``."""
 
     def __init__(self, make: Callable[[], Encoder], batch_size: int):
-        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        # Fixed batches, not Beam's adaptive sizing (which follows timings): a model's float results depend
+        # on the batch it runs in, so batches that follow timings give a rerun different vectors.
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self._make = make
 
     def load_model(self) -> Encoder:
