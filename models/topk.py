@@ -14,8 +14,8 @@ import numpy as np
 from numba import njit
 from threadpoolctl import threadpool_limits
 
-ROWS_PER_TILE = 256      # a 256 x 2048 float32 tile is 2 MiB: it is still in cache when it is scanned
-COLUMNS_PER_TILE = 2048
+ROWS_PER_TILE = 512      # a 512 x 512 float32 tile is 1 MiB: it is still in cache when it is scanned
+COLUMNS_PER_TILE = 512
 
 
 def top_k(queries: np.ndarray, items: np.ndarray, k: int,
@@ -116,6 +116,8 @@ def compile_kernels() -> None:
     one = np.ones((1, 1), dtype=np.float32)
     columns, _ = top_k(one, one, 1, (np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64)))
     contributions(one, one[None], np.ones((1, 1), dtype=bool), columns)
+    ids = utf8(["a"])
+    HashIndex(ids, mixed_hash(ids)).find(ids, mixed_hash(ids))
 
 
 def utf8(ids) -> np.ndarray:
@@ -136,17 +138,26 @@ def text(ids: np.ndarray) -> np.ndarray:
 
 
 def id_hash(ids) -> np.ndarray:
-    """64-bit FNV-1a of each id's UTF-8 bytes, vectorised over ids. Unlike ``hash()`` it is the same in
-    every process and run, so an id lands in the same bucket wherever it is read."""
+    """64-bit FNV-1a of each id's UTF-8 bytes. Unlike ``hash()`` it is the same in every process and run, so
+    an id lands in the same bucket wherever it is read."""
     raw = np.ascontiguousarray(utf8(ids))
     h = np.full(len(raw), 0xCBF29CE484222325, dtype=np.uint64)
     if len(raw) == 0 or raw.dtype.itemsize == 0:
         return h
-    codes = raw.view(np.uint8).reshape(len(raw), -1)
-    lengths = np.strings.str_len(raw)
-    for j in range(codes.shape[1]):
-        h = np.where(j < lengths, (h ^ codes[:, j]) * np.uint64(0x100000001B3), h)
+    _fnv1a(raw.view(np.uint8).reshape(len(raw), -1), np.strings.str_len(raw), h)
     return h
+
+
+@njit(cache=True, nogil=True)
+def _fnv1a(codes, lengths, h):  # pragma: no cover - compiled
+    """Fold each row's first ``lengths`` bytes into its hash (compiled: a task hashes the ids of every
+    exclusion it reads, millions in a large job)."""
+    prime = np.uint64(0x100000001B3)
+    for i in range(codes.shape[0]):
+        x = h[i]
+        for j in range(lengths[i]):
+            x = (x ^ np.uint64(codes[i, j])) * prime
+        h[i] = x
 
 
 def mixed_hash(ids) -> np.ndarray:
@@ -173,20 +184,54 @@ def locate(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndar
     return sorted_ids[rows] == ids, rows
 
 
-def find(ids: np.ndarray, hashes: np.ndarray, wanted: np.ndarray, wanted_hashes: np.ndarray
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """``locate`` by hash, which is many times faster than comparing strings: ``ids`` (sorted) with their
-    mixed hashes. Ids are compared after the hash matches, and the rare id whose hash another id shares
-    is looked up by string, so the answer is exact."""
-    if len(ids) == 0:
-        return np.zeros(len(wanted), dtype=bool), np.zeros(len(wanted), dtype=np.int64)
-    order = np.argsort(hashes, kind="stable")
-    sorted_hashes = hashes[order]
-    at = np.minimum(np.searchsorted(sorted_hashes, wanted_hashes), len(ids) - 1)
-    rows = order[at]
-    hit = sorted_hashes[at] == wanted_hashes
-    found = hit & (ids[rows] == wanted)
-    shared = hit & ~found
-    if shared.any():
-        found[shared], rows[shared] = locate(ids, wanted[shared])
-    return found, rows
+class HashIndex:
+    """Rows of sorted ids, looked up by their mixed hashes in an open-addressing table: a task looks up
+    every exclusion of every batch it reads (millions in a large job), and a probe costs a few cache
+    misses where a binary search costs twenty. Ids are compared after the hash matches, and the rare id
+    whose hash another id shares is looked up by string (``locate``), so the answer is exact."""
+
+    def __init__(self, ids: np.ndarray, hashes: np.ndarray):
+        self.ids = ids
+        self.bits = max(1, 2 * len(ids) - 1).bit_length()  # at most half full
+        self.table = _hash_table(hashes, self.bits)
+        self.hashes = hashes
+
+    def find(self, wanted: np.ndarray, wanted_hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``locate``, by hash: ``(found, rows)``, rows valid where found."""
+        rows = _probe(self.table, self.hashes, self.bits, wanted_hashes)
+        hit = rows >= 0
+        rows = np.maximum(rows, 0)
+        found = hit & (self.ids[rows] == wanted) if len(self.ids) else hit
+        shared = hit & ~found
+        if shared.any():
+            found[shared], rows[shared] = locate(self.ids, wanted[shared])
+        return found, rows
+
+
+@njit(cache=True, nogil=True)
+def _hash_table(hashes, bits):  # pragma: no cover - compiled
+    """Slots of 2**bits holding a row (or -1), each row at the first free slot from its hash's high bits."""
+    table = np.full(1 << bits, -1, dtype=np.int64)
+    mask = (1 << bits) - 1
+    for row in range(hashes.shape[0]):
+        slot = np.int64(hashes[row] >> np.uint64(64 - bits))
+        while table[slot] >= 0:
+            slot = (slot + 1) & mask
+        table[slot] = row
+    return table
+
+
+@njit(cache=True, nogil=True)
+def _probe(table, hashes, bits, wanted_hashes):  # pragma: no cover - compiled
+    """The first row whose hash equals each wanted hash, or -1."""
+    out = np.full(wanted_hashes.shape[0], -1, dtype=np.int64)
+    mask = (1 << bits) - 1
+    for i in range(wanted_hashes.shape[0]):
+        h = wanted_hashes[i]
+        slot = np.int64(h >> np.uint64(64 - bits))
+        while table[slot] >= 0:
+            if hashes[table[slot]] == h:
+                out[i] = table[slot]
+                break
+            slot = (slot + 1) & mask
+    return out

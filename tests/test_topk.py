@@ -59,12 +59,12 @@ def test_kernel_ties_break_by_column():
     assert columns.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4]] and (scores == 0).all()
 
 
-def test_find_is_exact_when_hashes_collide():
+def test_hash_index_is_exact_when_hashes_collide():
     ids = np.array(["a", "b", "c", "d"])  # sorted
     wanted = np.array(["c", "x", "a", "d", "d"])
     for hashes, wanted_hashes in ((topk.mixed_hash(ids.tolist()), topk.mixed_hash(wanted.tolist())),
                                   (np.zeros(4, np.uint64), np.zeros(5, np.uint64))):  # every hash collides
-        found, rows = topk.find(ids, hashes, wanted, wanted_hashes)
+        found, rows = topk.HashIndex(ids, hashes).find(wanted, wanted_hashes)
         assert found.tolist() == [True, False, True, True, True]
         assert rows[found].tolist() == [2, 0, 3, 3]
 
@@ -88,21 +88,27 @@ def test_spans_cover_the_counted_buckets_in_near_equal_ranges():
     assert len(sharded.spans(counts, 1)) == np.count_nonzero(counts)  # at most one span per bucket
 
 
-@pytest.mark.parametrize("n_items,n_queries", [(300, 5000), (900, 5000), (1500, 5000), (900, 100), (50, 50)])
+@pytest.mark.parametrize("n_items,n_queries", [(300, 5000), (900, 5000), (1500, 5000), (900, 100), (50, 50),
+                                             (300, 350), (600, 1500)])
 def test_tasks_cover_every_pair_once_in_an_even_count(n_items, n_queries):
-    """Each shard is read by as few tasks as an even split between ``TASKS`` workers allows."""
+    """Each shard is read by as few tasks as an even split between ``TASKS`` workers allows, and a shard's
+    tasks get as many batches each."""
     item_counts, query_counts = (np.bincount(np.arange(n) % sharded.BUCKETS, minlength=sharded.BUCKETS)
                                  for n in (n_items, n_queries))
     tasks = [task for _, task in sharded._tasks(item_counts, query_counts, 300, 100)]
-    shards, batches = sharded.spans(item_counts, 300), sharded.spans(query_counts, 100)
+    shards = sharded.spans(item_counts, 300)
+    batches = sorted({batch for _, some in tasks for batch in some})
+    assert [(b.lo, b.hi) for b in batches] == [(b.lo, b.hi) for b in sharded.spans(query_counts, 100, len(batches))]
+    assert sum(b.rows for b in batches) == n_queries
     pairs = sorted((shard, batch) for shard, some in tasks for batch in some)
     assert pairs == sorted((shard, batch) for shard in shards for batch in batches)
-    assert max(len(some) for _, some in tasks) <= max(sharded.TASK_BATCHES, 1)
-    if len(batches) > sharded.TASK_BATCHES:
+    assert max(len(some) for _, some in tasks) <= sharded.TASK_BATCHES
+    needed = -(-n_queries // 100)
+    if needed >= sharded.TASKS:  # an even count, each shard read by as few tasks as that allows
+        assert len(tasks) % sharded.TASKS == 0
         assert len(tasks) == len(shards) * max(np.lcm(len(shards), sharded.TASKS) // len(shards),
-                                               -(-len(batches) // sharded.TASK_BATCHES))
-    elif len(batches) >= sharded.TASKS:
-        assert len(tasks) == np.lcm(len(shards), sharded.TASKS)
+                                               -(-needed // sharded.TASK_BATCHES))
+        assert len({len(some) for _, some in tasks}) == 1  # as many batches each
     else:  # too few batches to split: one task per shard
         assert len(tasks) == len(shards)
 
@@ -110,16 +116,19 @@ def test_tasks_cover_every_pair_once_in_an_even_count(n_items, n_queries):
 def test_compile_kernels_compiles_what_top_k_runs():
     # A worker compiles before it holds a shard: the types compiled must be those top_k and the transform use,
     # or the first real call compiles again in the middle of a task.
+    kernels = (topk._scan, topk.contributions, topk._fnv1a, topk._hash_table, topk._probe)
     topk.compile_kernels()
-    compiled = (len(topk._scan.signatures), len(topk.contributions.signatures))
+    compiled = [len(kernel.signatures) for kernel in kernels]
     rng = np.random.default_rng(0)
     q, x = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((30, 8)).astype(np.float32)
     shard = sharded.Shard.stack([{"item_id": f"i{j}", "vector": x[j], "parts": {"text": x[j]}} for j in range(30)])
     shard = shard.take(np.argsort(shard.ids))
-    columns, _ = topk.top_k(q, shard.vectors, 3, (np.array([0]), np.array([2])))
+    batch = sharded.Batch.stack([("u", q[0], ["i3", "i7"])])
+    found, cols = topk.HashIndex(shard.ids, shard.hashes).find(batch.excluded_ids, topk.mixed_hash(batch.excluded_ids))
+    columns, _ = topk.top_k(q, shard.vectors, 3, (np.zeros(found.sum(), np.int64), cols[found]))
     topk.contributions(q, shard.parts, shard.has, columns)
-    assert compiled[0] >= 1 and compiled[1] >= 1
-    assert (len(topk._scan.signatures), len(topk.contributions.signatures)) == compiled
+    assert min(compiled) >= 1
+    assert [len(kernel.signatures) for kernel in kernels] == compiled
 
 
 def test_id_hash_is_fnv1a():

@@ -28,8 +28,9 @@ from apache_beam.transforms.window import GlobalWindows
 from models import topk
 
 USER_BATCH = 8192    # queries per batch: 8192 x 64 float32 is 2 MiB, plus the exclusions
-ITEM_SHARD = 65536   # items per shard: 65536 x 64 float32 is 16 MiB per modality plus the fused vector; the
-                     # per-batch work (exclusions, contributions, merging) is spread over more scores
+ITEM_SHARD = 131072  # items per shard: 131072 x 64 float32 is 32 MiB per modality plus the fused vector. Each
+                     # shard adds a partial ranking per query that crosses the runner, the largest cost after
+                     # the product at 64 dimensions
 BUCKETS = 64         # a catalogue of more than BUCKETS x shard size items gets larger shards
 BLOCK = 8192         # records stacked at a time where they are read
 TASKS = 2            # the task count is a multiple of this (the workers to share them evenly), and no larger:
@@ -65,6 +66,12 @@ class Shard(NamedTuple):
         return Shard(self.ids[rows], self.vectors[rows], self.modalities, self.parts[:, rows], self.has[rows],
                      self.hashes[rows])
 
+    def __reduce__(self):
+        """Pickled (as a runner moves it) without its last modality's part, which is the fused vector minus
+        the other parts: a third less to move at two modalities, and the data moved is most of a run's cost
+        on the local runner."""
+        return _unpickle_shard, (self.ids, self.vectors, self.modalities, self.parts[:-1], self.has, self.hashes)
+
     def rows(self, lo: int, hi: int) -> Shard:
         """Rows ``lo`` to ``hi - 1``, as views."""
         return self.take(slice(lo, hi))
@@ -85,6 +92,13 @@ class Shard(NamedTuple):
                     modalities, np.concatenate(parts, axis=1), np.concatenate(has),
                     np.concatenate([p.hashes for p in pieces]))
         return out.take(np.argsort(out.ids, kind="stable"))
+
+
+def _unpickle_shard(ids, vectors, modalities, parts, has, hashes) -> Shard:
+    if modalities:
+        last = (vectors - parts.sum(axis=0)) * has[:, -1:]
+        parts = np.concatenate([parts, last[None]])
+    return Shard(ids, vectors, modalities, parts, has, hashes)
 
 
 class Batch(NamedTuple):
@@ -169,10 +183,10 @@ class Span(NamedTuple):
     rows: int
 
 
-def spans(counts: np.ndarray, size: int) -> list[Span]:
-    """Consecutive bucket ranges of about ``size`` records each (as many ranges as the total needs, at
-    most one per bucket); empty ranges are left out."""
-    n = min(len(counts), max(1, math.ceil(int(counts.sum()) / size)))
+def spans(counts: np.ndarray, size: int, multiple: int = 1) -> list[Span]:
+    """Consecutive bucket ranges of at most about ``size`` records each: as many ranges as the total needs,
+    rounded up to a ``multiple`` (to share evenly), at most one per bucket; empty ranges are left out."""
+    n = min(len(counts), _round_up(max(1, math.ceil(int(counts.sum()) / size)), multiple))
     edges = [math.ceil(s * len(counts) / n) for s in range(n + 1)]
     out = [Span(lo, hi, int(counts[lo:hi].sum())) for lo, hi in zip(edges, edges[1:])]
     return [span for span in out if span.rows]
@@ -269,14 +283,21 @@ def _tasks(item_counts, query_counts, shard_size: int, batch_size: int):
     """Every (shard, batch) pair once, as tasks of one shard and some of its batches: the fewest tasks
     whose number is a multiple of ``TASKS`` (where there are enough batches) and that hold at most
     ``TASK_BATCHES`` batches each, so that each shard is read as few times as an even split allows while a
-    large job still has a task for every worker. Largest first: a runner that deals tasks out in turn then gives
-    its workers near-equal shares."""
-    shards, batches = spans(item_counts, shard_size), spans(query_counts, batch_size)
+    large job still has a task for every worker. The batches are as many as the size needs, rounded up so
+    that each of a shard's tasks gets as many. Largest first: a runner that deals tasks out in turn then
+    gives its workers near-equal shares."""
+    shards = spans(item_counts, shard_size)
+    needed = len(spans(query_counts, batch_size))
     even = TASKS // math.gcd(len(shards), TASKS)
-    per_shard = max(1, min(len(batches), max(even, math.ceil(len(batches) / TASK_BATCHES))))
+    per_shard = min(needed, _round_up(max(even, math.ceil(needed / TASK_BATCHES)), even))
+    batches = spans(query_counts, batch_size, per_shard)
     tasks = [(shard, batches[j::per_shard]) for shard in shards for j in range(per_shard) if batches[j::per_shard]]
     tasks.sort(key=lambda t: -t[0].rows * sum(b.rows for b in t[1]))
     yield from enumerate(tasks)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _read(kind, pieces, span: Span, what: str):
@@ -319,12 +340,13 @@ def _partial(task, k, items, queries):
     matrix product."""
     _, (span, batch_spans) = task
     shard = _read(Shard, items, span, "item")
+    index = topk.HashIndex(shard.ids, shard.hashes)
     for batch_span in batch_spans:
         batch = _read(Batch, queries, batch_span, "query")
         hashes = topk.mixed_hash(batch.excluded_ids)
         buckets = topk.bucket(hashes, BUCKETS)
         mine = np.flatnonzero((buckets >= span.lo) & (buckets < span.hi))
-        found, cols = topk.find(shard.ids, shard.hashes, batch.excluded_ids[mine], hashes[mine])
+        found, cols = index.find(batch.excluded_ids[mine], hashes[mine])
         columns, scores = topk.top_k(batch.vectors, shard.vectors, k, (batch.excluded_rows()[mine][found], cols[found]))
         item_ids = np.where(columns >= 0, shard.ids[np.maximum(columns, 0)], b"")
         yield batch_span.lo, Ranked(batch.ids, item_ids, scores, shard.modalities,
