@@ -229,6 +229,21 @@ def test_query_pieces_keep_their_hashes_and_exclusions():
         assert got == {u: want[u] for u in ids}
 
 
+def test_shard_moves_without_its_last_part():
+    """A pickled shard leaves out its last modality's part and derives it from the fused vector: the same
+    parts come back, zero where an item lacks that modality."""
+    rng = np.random.default_rng(5)
+    parts = [{"image": rng.standard_normal(8), "text": rng.standard_normal(8)}, {"image": rng.standard_normal(8)},
+             {"text": rng.standard_normal(8)}, {}]
+    items = [{"item_id": f"i{j}", "vector": sum(p.values(), np.zeros(8)), "parts": p} for j, p in enumerate(parts)]
+    shard = sharded.Shard.stack(items)
+    moved = pickle.loads(pickle.dumps(shard))
+    assert len(pickle.dumps(shard)) < len(pickle.dumps(tuple(shard)))
+    assert moved.modalities == ("image", "text") and moved.has.tolist() == shard.has.tolist()
+    np.testing.assert_allclose(moved.parts, shard.parts, atol=1e-6)
+    assert (moved.parts[1, [1, 3]] == 0).all()
+
+
 def test_transform_refuses_windowed_records():
     p = beam.Pipeline(runner=FnApiRunner())  # refused while the pipeline is built, never run
     windowed = p | beam.Create([("u", np.ones(2), [])]) | beam.WindowInto(beam.window.FixedWindows(60))
