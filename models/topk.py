@@ -7,6 +7,11 @@ row's current k-th, so almost every score costs one comparison (the way FAISS se
 scanned in ascending order and an equal score never displaces an earlier column, so ties go to the lower
 column; callers order the item rows by item id, so column order is item-id order. Excluded (row, column)
 pairs are looked up only for the few scores that would enter.
+
+The BLAS's float32 products depend on its kernel and, for some kernels, on a row's place in the tile, so
+the scan keeps ``SLACK`` more than k candidates and these are scored again in float64, in one fixed order:
+the best k by that score are the answer, the same on every machine and whichever rows share a tile. A row
+whose last kept candidate is within the float32 error bound of its k-th (many near-ties) is scored in full.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import numpy as np
 from numba import njit
 from threadpoolctl import threadpool_limits
 
+SLACK = 8                # candidates kept beyond k, to be rescored exactly
 ROWS_PER_TILE = 512      # a 512 x 512 float32 tile is 1 MiB: it is still in cache when it is scanned
 COLUMNS_PER_TILE = 512
 
@@ -35,10 +41,11 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int,
     if k < 1:
         raise ValueError(f"top_k: k must be positive, got {k}")
     n = len(queries)
-    columns = np.full((n, k), -1, dtype=np.int64)
-    scores = np.full((n, k), -np.inf, dtype=np.float32)
+    kept = min(k + SLACK, max(len(items), 1))
+    columns = np.full((n, kept), -1, dtype=np.int64)
+    scores = np.full((n, kept), -np.inf, dtype=np.float32)
     if n == 0 or len(items) == 0:
-        return columns, scores
+        return columns[:, :k], scores[:, :k]
     ex_rows, ex_cols = (np.asarray(e, dtype=np.int64) for e in exclude) if exclude is not None else (
         np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
     order = np.lexsort((ex_cols, ex_rows))
@@ -54,7 +61,87 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int,
                 out = tile[:r1 - r0] if c1 - c0 == tile.shape[1] else np.empty((r1 - r0, c1 - c0), np.float32)
                 block = np.matmul(queries[r0:r1], items_t[:, c0:c1], out=out)  # C-contiguous: a faster scan
                 _scan(block, r0, c0, starts, ex_cols, scores, columns)
-    return columns, scores
+    return _rescore(queries, items, k, columns, scores, starts, ex_cols)
+
+
+@njit(cache=True, nogil=True)
+def _rescore(queries, items, k, columns, scores, starts, ex_cols):  # pragma: no cover - compiled
+    """The best k of each row's kept candidates by their float64 scores (then column), as float32. Any item
+    the scan did not keep scored at most the row's last kept float32 score, so it is off by at most the
+    float32 error bound from that; a row whose k-th float64 score is not clear of it is scored in full."""
+    n, kept = columns.shape
+    dim = queries.shape[1]
+    widest = 0.0
+    for c in range(items.shape[0]):
+        widest = max(widest, _norm(items[c]))
+    bound = 2.0 * dim * 2.0 ** -23 * widest  # |float32 dot - exact| <= dim * 2**-24 * |q| |x|, doubled
+    out_columns = np.full((n, k), -1, dtype=np.int64)
+    out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+    exact = np.empty(kept, dtype=np.float64)
+    cols = np.empty(kept, dtype=np.int64)
+    for r in range(n):
+        m = 0
+        while m < kept and columns[r, m] >= 0:
+            cols[m] = columns[r, m]
+            exact[m] = _dot(queries[r], items[cols[m]])
+            m += 1
+        _order(exact, cols, m)
+        if m == kept < items.shape[0] and exact[k - 1] <= scores[r, kept - 1] + bound * _norm(queries[r]):
+            m = _score_row(queries[r], items, starts[r], starts[r + 1], ex_cols, exact, cols)
+        for j in range(min(k, m)):
+            out_columns[r, j], out_scores[r, j] = cols[j], np.float32(exact[j])
+    return out_columns, out_scores
+
+
+@njit(cache=True, nogil=True)
+def _score_row(query, items, lo, hi, ex_cols, exact, cols):  # pragma: no cover - compiled
+    """Fill ``exact``/``cols`` with the row's best ``len(exact)`` allowed items by float64 score, every
+    item scored (the rare row of near-ties); returns how many."""
+    kept = exact.shape[0]
+    m = 0
+    e = lo
+    for c in range(items.shape[0]):
+        while e < hi and ex_cols[e] < c:
+            e += 1
+        if e < hi and ex_cols[e] == c:
+            continue
+        v = _dot(query, items[c])
+        if m < kept:
+            m += 1
+        elif not v > exact[kept - 1]:
+            continue
+        p = m - 1
+        while p > 0 and exact[p - 1] < v:
+            exact[p], cols[p] = exact[p - 1], cols[p - 1]
+            p -= 1
+        exact[p], cols[p] = v, c
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _order(exact, cols, m):  # pragma: no cover - compiled
+    """Sort the first m candidates by score descending, then column ascending (insertion sort: m is small)."""
+    for i in range(1, m):
+        v, c = exact[i], cols[i]
+        p = i
+        while p > 0 and (exact[p - 1] < v or (exact[p - 1] == v and cols[p - 1] > c)):
+            exact[p], cols[p] = exact[p - 1], cols[p - 1]
+            p -= 1
+        exact[p], cols[p] = v, c
+
+
+@njit(cache=True, nogil=True)
+def _dot(a, b):  # pragma: no cover - compiled
+    """float64 dot product in index order: the same result on every machine."""
+    s = 0.0
+    for d in range(a.shape[0]):
+        s += np.float64(a[d]) * np.float64(b[d])
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _norm(a):  # pragma: no cover - compiled
+    return np.sqrt(_dot(a, a))
 
 
 @njit(cache=True, nogil=True)

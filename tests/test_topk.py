@@ -54,6 +54,20 @@ def test_kernel_equals_brute_force(n_queries, n_items, dim, k, integer, n_exclud
     assert (columns[0] == -1).all()
 
 
+def test_kernel_answer_does_not_depend_on_the_other_rows():
+    """A query's top k and scores are the same bits whichever queries share its tiles (the BLAS's float32
+    products depend on a row's place in the tile for some kernels; the answer is rescored in float64)."""
+    rng = np.random.default_rng(11)
+    q, x = data(rng, 300, 2000, 16)
+    whole = topk.top_k(q, x, 10, rows_per_tile=64, columns_per_tile=256)
+    order = rng.permutation(300)
+    shuffled = topk.top_k(q[order], x, 10, rows_per_tile=64, columns_per_tile=256)
+    alone = topk.top_k(q[5:12], x, 10, rows_per_tile=64, columns_per_tile=256)
+    for got, rows in ((shuffled, order), (alone, np.arange(5, 12))):
+        assert got[0].tolist() == whole[0][rows].tolist()
+        assert got[1].tobytes() == whole[1][rows].tobytes()
+
+
 def test_kernel_ties_break_by_column():
     columns, scores = topk.top_k(np.ones((2, 2)), np.zeros((3000, 2)), 4, (np.array([1]), np.array([0])))
     assert columns.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4]] and (scores == 0).all()
@@ -116,7 +130,7 @@ def test_tasks_cover_every_pair_once_in_an_even_count(n_items, n_queries):
 def test_compile_kernels_compiles_what_top_k_runs():
     # A worker compiles before it holds a shard: the types compiled must be those top_k and the transform use,
     # or the first real call compiles again in the middle of a task.
-    kernels = (topk._scan, topk.contributions, topk._fnv1a, topk._hash_table, topk._probe)
+    kernels = (topk._scan, topk._rescore, topk.contributions, topk._fnv1a, topk._hash_table, topk._probe)
     topk.compile_kernels()
     compiled = [len(kernel.signatures) for kernel in kernels]
     rng = np.random.default_rng(0)
