@@ -61,7 +61,7 @@ class RecommendOptions(PipelineOptions):
                             help="Fallback for users without usable history: the items with the most "
                                  "interactions in this many days before the newest interaction")
         parser.add_argument("--user_batch_size", type=int, default=topk.USER_BATCH,
-                            help="Queries (users, or items for similar items) scored per task")
+                            help="Queries (users, or items for similar items) ranked together, where they are made")
         parser.add_argument("--item_shard_size", type=int, default=topk.ITEM_SHARD,
                             help="Items per shard: no worker holds more than one shard and one query batch")
 
