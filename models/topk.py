@@ -110,12 +110,17 @@ def _score_row(query, items, lo, hi, ex_cols, exact, cols):  # pragma: no cover 
             m += 1
         elif not v > exact[kept - 1]:
             continue
-        p = m - 1
-        while p > 0 and exact[p - 1] < v:
-            exact[p], cols[p] = exact[p - 1], cols[p - 1]
-            p -= 1
-        exact[p], cols[p] = v, c
+        _insert(exact, cols, m - 1, v, c)
     return m
+
+
+@njit(inline="always")
+def _insert(values, cols, p, v, c):  # pragma: no cover - compiled
+    """Put (v, c) in slot p or, shifting down the entries it beats, above it; an equal value stays ahead."""
+    while p > 0 and values[p - 1] < v:
+        values[p], cols[p] = values[p - 1], cols[p - 1]
+        p -= 1
+    values[p], cols[p] = v, c
 
 
 @njit(cache=True, nogil=True)
@@ -166,11 +171,7 @@ def _scan(block, r0, c0, starts, ex_cols, scores, columns):  # pragma: no cover 
                         b = m
                 if a < hi and ex_cols[a] == c:
                     continue
-                p = k - 1
-                while p > 0 and best[p - 1] < v:
-                    best[p], cols[p] = best[p - 1], cols[p - 1]
-                    p -= 1
-                best[p], cols[p] = v, c
+                _insert(best, cols, k - 1, v, c)
                 kth = best[k - 1]
 
 
