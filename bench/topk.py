@@ -4,8 +4,8 @@
     .venv/bin/python -m bench.topk --quick    # 10,000 x 20,000: a smoke run that prints only
 
 Every measurement is a subprocess with its own peak memory, on the same generated data (seeded blocks, so
-both venvs make identical arrays without passing files): ``blas`` times numpy sgemm of the shape one task
-multiplies (the machine's peak for this work, measured in the same run); ``ours`` runs the Beam transform;
+both venvs make identical arrays without passing files): ``blas`` times numpy sgemm of one (batch, shard)
+product's shape (the machine's peak for this work, measured in the same run); ``ours`` runs the Beam transform;
 ``inputs`` runs the same pipeline with only the input generation, whose time is subtracted for the net
 rate; ``faiss`` (in ``.venv-bench``, never a product dependency) adds the items to ``IndexFlatIP`` and
 searches k + 50 neighbours, then drops each user's excluded items and keeps the first k (a user excludes
@@ -75,7 +75,7 @@ def _blocks(n: int):
 
 
 def measure_blas(a) -> dict:
-    """Best sgemm rate for one task's shape (user batch x dim) @ (dim x item shard)."""
+    """Best sgemm rate for one (batch, shard) product's shape (user batch x dim) @ (dim x item shard)."""
     from transforms.topk import ITEM_SHARD, USER_BATCH
     rng = np.random.default_rng(0)
     q = rng.standard_normal((USER_BATCH, a.dim)).astype(np.float32)
@@ -90,7 +90,7 @@ def measure_blas(a) -> dict:
 
 
 def measure_select(a) -> dict:
-    """ns per score of one task's block (1024 queries x one item shard) on one core: the product alone, and
+    """ns per score of one block (1024 queries x one item shard) on one core: the product alone, and
     the product plus each way to select the top k with the exclusions masked."""
     import tensorflow as tf
     from threadpoolctl import threadpool_limits
@@ -320,7 +320,7 @@ def markdown(r: dict) -> str:
         "",
         "| | seconds | users/s | GFLOP/s | share of BLAS peak | peak memory |",
         "|---|---:|---:|---:|---:|---|",
-        f"| numpy sgemm, one task's shape (peak) | | | {r['blas_gflops']:.0f} | 100% | |",
+        f"| numpy sgemm, one (batch, shard) product's shape (peak) | | | {r['blas_gflops']:.0f} | 100% | |",
         f"| TopK pipeline, end to end | {o['seconds']:.1f} | {o['users_per_s']:,.0f} | {o['gflops']:.0f} | "
         f"{o['gflops'] / r['blas_gflops']:.0%} | worker {o['rss_worker_mb']:.0f} MiB, runner "
         f"{o['rss_runner_mb']:.0f} MiB |",
@@ -345,7 +345,7 @@ def markdown(r: dict) -> str:
     if "selection_ns_per_score" in r:
         sel = r["selection_ns_per_score"]
         base = sel["product and exclusions only"]
-        lines += ["", "Selecting the top k of one task's block (1,024 users x one shard, on one core), "
+        lines += ["", "Selecting the top k of one block (1,024 users x one shard, on one core), "
                       "nanoseconds per score:", "", "| | ns/score | selection alone |", "|---|---:|---:|"]
         lines += [f"| {name} | {ns:.2f} | {ns - base:+.2f} |" for name, ns in sel.items()]
     lines += ["", "## How each number is measured", "",
@@ -354,7 +354,7 @@ def markdown(r: dict) -> str:
               "making the input records from seeded numpy blocks. *Net* subtracts the same pipeline with "
               "only that generation and a count.",
               "- GFLOP/s: 2 x users x items x dims / seconds. BLAS peak: the best of 5 timings of numpy "
-              "sgemm over one (user batch x item shard) task, in the same run.",
+              "sgemm over one (user batch x item shard) product, in the same run.",
               "- Peak memory: ru_maxrss. *worker* is the largest SDK worker process (RUSAGE_CHILDREN of the "
               "runner process), *runner* the process that runs the pipeline and holds its shuffles.",
               "- Memory check: the same pipeline for fewer users, at 1x, 2x and 4x the items, shards of half the "

@@ -7,8 +7,8 @@ bucket, a shard is a range of consecutive buckets holding about ``shard_size`` i
 the runner: they are stacked into batches of up to ``batch_size`` in the bundle that makes them, and each
 batch is ranked there against every shard in turn, one matrix product per shard (``models.topk``), its
 partials merging as they come; the rankings are yielded per query from that bundle, so what consumes them
-runs there too. Moving data between stages is most of what a job costs on a local runner (see the README),
-and a job's users, their exclusions and their rankings are most of its data. A worker holds one batch and
+runs there too. Moving data between stages is the largest cost after the product on a local runner (see
+the README), and a job's users, their exclusions and their rankings are most of its data. A worker holds one batch and
 one shard, the last it read, which the next batch starts with: a catalogue of one shard is read once per
 worker. Parallelism follows the queries' bundles. The kernel rescores its answer exactly, so a ranking does
 not depend on which queries share a batch, and ties are broken by item id, so it does not depend on how
