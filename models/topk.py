@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 SLACK = 8                # candidates kept beyond k, to be rescored exactly
 ROWS_PER_TILE = 512      # a 512 x 512 float32 tile is 1 MiB: it is still in cache when it is scanned
 COLUMNS_PER_TILE = 512
+CHUNK = 64               # scores of a row checked at once before any is looked at one by one
 
 
 def top_k(queries: np.ndarray, items: np.ndarray, k: int,
@@ -151,28 +152,46 @@ def _norm(a):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def _scan(block, r0, c0, starts, ex_cols, scores, columns):  # pragma: no cover - compiled
-    """Fold the tile's scores (rows r0.., columns c0..) into each row's best k, kept ordered."""
+    """Fold the tile's scores (rows r0.., columns c0..) into each row's best k, kept ordered. A row is
+    checked ``CHUNK`` scores at a time against its k-th, and only a chunk holding a score that beats it is
+    walked one score at a time: after the first few tiles almost no chunk does."""
     k = scores.shape[1]
+    width = block.shape[1]
     for i in range(block.shape[0]):
         r = r0 + i
         best, cols = scores[r], columns[r]
         kth = best[k - 1]
         lo, hi = starts[r], starts[r + 1]
-        for j in range(block.shape[1]):
-            v = block[i, j]
-            if v > kth:  # -inf never enters, and an equal score never displaces an earlier column
-                c = c0 + j
-                a, b = lo, hi  # is (r, c) excluded? binary search of the row's sorted excluded columns
-                while a < b:
-                    m = (a + b) // 2
-                    if ex_cols[m] < c:
-                        a = m + 1
-                    else:
-                        b = m
-                if a < hi and ex_cols[a] == c:
-                    continue
-                _insert(best, cols, k - 1, v, c)
-                kth = best[k - 1]
+        for j0 in range(0, width, CHUNK):
+            j1 = min(j0 + CHUNK, width)
+            if not _beaten(block, i, j0, j1, kth):
+                continue
+            for j in range(j0, j1):
+                v = block[i, j]
+                if v > kth:  # -inf never enters, and an equal score never displaces an earlier column
+                    c = c0 + j
+                    a, b = lo, hi  # is (r, c) excluded? binary search of the row's sorted excluded columns
+                    while a < b:
+                        m = (a + b) // 2
+                        if ex_cols[m] < c:
+                            a = m + 1
+                        else:
+                            b = m
+                    if a < hi and ex_cols[a] == c:
+                        continue
+                    _insert(best, cols, k - 1, v, c)
+                    kth = best[k - 1]
+
+
+@njit(inline="always")
+def _beaten(block, i, j0, j1, kth):  # pragma: no cover - compiled
+    """Whether any of row i's scores j0..j1-1 beats kth, as a count the compiler vectorises (16 scores an
+    instruction). The indices are unsigned: a signed index makes numba wrap negative values around, and
+    that check keeps the loop scalar (six times slower)."""
+    above = 0
+    for j in range(np.uint64(j0), np.uint64(j1)):
+        above += block[i, j] > kth
+    return above > 0
 
 
 @njit(cache=True, nogil=True, fastmath=True)
