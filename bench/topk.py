@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+import transforms  # noqa: F401  (the inputs-only pipeline's workers exit as the product's do)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"

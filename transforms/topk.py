@@ -79,6 +79,10 @@ class Shard(NamedTuple):
         modalities = tuple(sorted({m for p in pieces for m in p.modalities}))
         parts, has = [], []
         for p in pieces:
+            if p.modalities == modalities:  # the usual case: nothing to widen
+                parts.append(p.parts)
+                has.append(p.has)
+                continue
             where = [modalities.index(m) for m in p.modalities]
             widened = np.zeros((len(modalities), *p.vectors.shape), dtype=np.float32)
             h = np.zeros((len(p.ids), len(modalities)), dtype=bool)
