@@ -75,24 +75,28 @@ class Shard(NamedTuple):
 
     @staticmethod
     def concat(pieces) -> Shard:
-        """One shard from its pieces, rows sorted by item id."""
+        """One shard from its pieces, rows sorted by item id. Each piece's rows are copied once, straight to
+        their sorted places: fresh memory is slow to fill in a busy worker (page faults)."""
         modalities = tuple(sorted({m for p in pieces for m in p.modalities}))
-        parts, has = [], []
+        dims = sorted({p.vectors.shape[1] for p in pieces})
+        if len(dims) > 1:
+            raise ValueError(f"TopK: item vectors of different lengths ({dims})")
+        ids = np.concatenate([p.ids for p in pieces])
+        order = np.argsort(ids, kind="stable")
+        place = np.empty_like(order)
+        place[order] = np.arange(len(order))
+        out = Shard(ids[order], np.empty((len(ids), dims[0]), dtype=np.float32), modalities,
+                    np.zeros((len(modalities), len(ids), dims[0]), dtype=np.float32),
+                    np.zeros((len(ids), len(modalities)), dtype=bool), np.concatenate([p.hashes for p in pieces])[order])
+        start = 0
         for p in pieces:
-            if p.modalities == modalities:  # the usual case: nothing to widen
-                parts.append(p.parts)
-                has.append(p.has)
-                continue
-            where = [modalities.index(m) for m in p.modalities]
-            widened = np.zeros((len(modalities), *p.vectors.shape), dtype=np.float32)
-            h = np.zeros((len(p.ids), len(modalities)), dtype=bool)
-            widened[where], h[:, where] = p.parts, p.has
-            parts.append(widened)
-            has.append(h)
-        out = Shard(np.concatenate([p.ids for p in pieces]), _concat([p.vectors for p in pieces], "item"),
-                    modalities, np.concatenate(parts, axis=1), np.concatenate(has),
-                    np.concatenate([p.hashes for p in pieces]))
-        return out.take(np.argsort(out.ids, kind="stable"))
+            rows = place[start:start + len(p.ids)]
+            start += len(p.ids)
+            out.vectors[rows] = p.vectors
+            for part, has, name in zip(p.parts, p.has.T, p.modalities):
+                m = modalities.index(name)
+                out.parts[m, rows], out.has[rows, m] = part, has
+        return out
 
 
 def _unpickle_shard(ids, vectors, modalities, parts, has, hashes) -> Shard:
@@ -145,12 +149,6 @@ def _matrix(vectors, what: str) -> np.ndarray:
     if out is None or out.ndim != 2:
         raise ValueError(f"TopK: {what} vectors of different lengths ({sorted({len(v) for v in vectors})})")
     return out
-
-
-def _concat(matrices, what: str) -> np.ndarray:
-    if len({m.shape[1] for m in matrices}) > 1:
-        raise ValueError(f"TopK: {what} vectors of different lengths ({sorted({m.shape[1] for m in matrices})})")
-    return np.concatenate(matrices)
 
 
 class Span(NamedTuple):
