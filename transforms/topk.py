@@ -288,16 +288,20 @@ class _Rank(beam.DoFn):
         buckets, rows = topk.bucket(hashes, BUCKETS), batch.excluded_rows()
         best = None
         for span in shards:
-            shard, index = self._shard(items, span)
             mine = np.flatnonzero((buckets >= span.lo) & (buckets < span.hi))
-            found, cols = index.find(batch.excluded_ids[mine], hashes[mine])
-            columns, scores = topk.top_k(batch.vectors, shard.vectors, self._k, (rows[mine][found], cols[found]))
-            item_ids = np.where(columns >= 0, shard.ids[np.maximum(columns, 0)], b"")
-            ranked = Ranked(batch.ids, item_ids, scores, shard.modalities,
-                            topk.contributions(batch.vectors, shard.parts, shard.has, columns))
+            ranked = self._rank(batch, rows[mine], batch.excluded_ids[mine], hashes[mine], *self._shard(items, span))
             best = ranked if best is None else merge(best, ranked, self._k)
         if best is not None:
             yield from _per_query(best)
+
+    def _rank(self, batch, excluded_rows, excluded_ids, excluded_hashes, shard, index) -> Ranked:
+        """The batch's best k in one shard. Apart: what refers to the shard ends here, so the next shard is
+        read with this one freed."""
+        found, cols = index.find(excluded_ids, excluded_hashes)
+        columns, scores = topk.top_k(batch.vectors, shard.vectors, self._k, (excluded_rows[found], cols[found]))
+        item_ids = np.where(columns >= 0, shard.ids[np.maximum(columns, 0)], b"")
+        return Ranked(batch.ids, item_ids, scores, shard.modalities,
+                      topk.contributions(batch.vectors, shard.parts, shard.has, columns))
 
     def _shard(self, items, span: Span):
         if self._held is None or self._held[0] != span:
