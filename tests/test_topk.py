@@ -195,6 +195,8 @@ def test_lost_or_duplicated_pieces_fail_the_job():
     lost = {b: p for b, p in pieces.items() if b != min(pieces)}
     with pytest.raises(RuntimeError, match="hold 49 records where 50 were counted"):
         sharded._read(every_bucket(lost), span)
+    with pytest.raises(RuntimeError, match="hold 0 records where 50 were counted"):
+        sharded._read(every_bucket({}), span)
     doubled = {b: p + p[:1] if b == min(pieces) else p for b, p in pieces.items()}
     with pytest.raises(RuntimeError, match="hold 51 records where 50 were counted"):
         sharded._read(every_bucket(doubled), span)

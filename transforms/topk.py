@@ -250,12 +250,13 @@ def _cut(block):
 
 
 def _read(pieces, span: Span) -> Shard:
-    """The shard of ``span`` from its pieces, checked against the count."""
-    shard = Shard.concat([p for bucket in range(span.lo, span.hi) for p in pieces[bucket]])
-    if len(shard.ids) != span.rows:
-        raise RuntimeError(f"TopK: item buckets {span.lo}..{span.hi - 1} hold {len(shard.ids)} records where "
-                           f"{span.rows} were counted: the runner lost or duplicated data")
-    return shard
+    """The shard of ``span`` from its pieces, checked against the count before anything is copied."""
+    mine = [p for bucket in range(span.lo, span.hi) for p in pieces[bucket]]
+    held = sum(len(p.ids) for p in mine)
+    if held != span.rows:
+        raise RuntimeError(f"TopK: item buckets {span.lo}..{span.hi - 1} hold {held} records where {span.rows} "
+                           "were counted: the runner lost or duplicated data")
+    return Shard.concat(mine)
 
 
 try:
@@ -295,8 +296,8 @@ class _Rank(beam.DoFn):
             yield from _per_query(best)
 
     def _rank(self, batch, excluded_rows, excluded_ids, excluded_hashes, shard, index) -> Ranked:
-        """The batch's best k in one shard. Apart: what refers to the shard ends here, so the next shard is
-        read with this one freed."""
+        """The batch's best k in one shard. A method of its own so that nothing refers to the shard once it
+        returns: the next shard is read with this one freed."""
         found, cols = index.find(excluded_ids, excluded_hashes)
         columns, scores = topk.top_k(batch.vectors, shard.vectors, self._k, (excluded_rows[found], cols[found]))
         item_ids = np.where(columns >= 0, shard.ids[np.maximum(columns, 0)], b"")
