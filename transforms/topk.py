@@ -32,7 +32,7 @@ from models import topk
 USER_BATCH = 8192    # queries per batch: 8192 x 64 float32 is 2 MiB, plus the exclusions
 ITEM_SHARD = 131072  # items per shard: 131072 x 64 float32 is 32 MiB per modality plus the fused vector
 BUCKETS = 64         # a catalogue of more than BUCKETS x shard size items gets larger shards
-BLOCK = 32768        # items stacked at a time where they are read: fewer, larger pieces are faster to read
+BLOCK = 16384        # items stacked at a time where they are read: 32768 read faster, but the stacking peaks higher
 
 
 class Shard(NamedTuple):
@@ -87,7 +87,8 @@ class Shard(NamedTuple):
         place[order] = np.arange(len(order))
         out = Shard(ids[order], np.empty((len(ids), dims[0]), dtype=np.float32), modalities,
                     np.zeros((len(modalities), len(ids), dims[0]), dtype=np.float32),
-                    np.zeros((len(ids), len(modalities)), dtype=bool), np.concatenate([p.hashes for p in pieces])[order])
+                    np.zeros((len(ids), len(modalities)), dtype=bool),
+                    np.concatenate([p.hashes for p in pieces])[order])
         start = 0
         for p in pieces:
             rows = place[start:start + len(p.ids)]
