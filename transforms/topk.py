@@ -153,7 +153,7 @@ def _matrix(vectors, what: str) -> np.ndarray:
 
 
 class Span(NamedTuple):
-    """A shard or batch: the buckets ``lo`` to ``hi - 1`` and how many records were counted in them."""
+    """A shard: the buckets ``lo`` to ``hi - 1`` and how many records were counted in them."""
     lo: int
     hi: int
     rows: int
