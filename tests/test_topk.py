@@ -1,5 +1,6 @@
 """Exact top-k: the numpy kernel and the sharded Beam transform against a brute-force numpy reference."""
 
+import collections
 import pickle
 
 import apache_beam as beam
@@ -186,20 +187,42 @@ def test_two_worker_processes_equal_brute_force(tmp_path):
 def test_lost_or_duplicated_pieces_fail_the_job():
     """What the runner drops or repeats is caught where pieces meet, never turned into a wrong ranking."""
     shard = sharded.Shard.stack([{"item_id": f"i{j}", "vector": np.ones(2), "parts": {}} for j in range(50)])
-    pieces = every_bucket({})
-    for bucket, piece in sharded._cut(shard):
-        pieces[bucket].append(piece)
-    counts = np.bincount(sharded._buckets(shard), minlength=sharded.BUCKETS)
-    (span,) = sharded.spans(counts, 1000)
-    assert len(sharded._read(pieces, span).ids) == 50
-    lost = {b: p for b, p in pieces.items() if b != min(pieces)}
-    with pytest.raises(RuntimeError, match="hold 49 records where 50 were counted"):
-        sharded._read(every_bucket(lost), span)
+    pieces = {key: [piece] for key, piece in sharded._cut(shard, 7)}
+    counts = collections.Counter({key: len(p.ids) for key, (p,) in pieces.items()})
+    (span,) = sharded.spans(sharded.bucket_counts(counts), 1000)
+    assert len(sharded._read(side_input(pieces), span, counts).ids) == 50
+    first = min(pieces)
+    lost = {key: p for key, p in pieces.items() if key != first}
+    with pytest.raises(RuntimeError, match=f"hold {50 - len(pieces[first][0].ids)} records where 50 were counted"):
+        sharded._read(side_input(lost), span, counts)
     with pytest.raises(RuntimeError, match="hold 0 records where 50 were counted"):
-        sharded._read(every_bucket({}), span)
-    doubled = {b: p + p[:1] if b == min(pieces) else p for b, p in pieces.items()}
-    with pytest.raises(RuntimeError, match="hold 51 records where 50 were counted"):
-        sharded._read(every_bucket(doubled), span)
+        sharded._read(side_input({}), span, counts)
+    doubled = {key: p + p if key == first else p for key, p in pieces.items()}
+    with pytest.raises(RuntimeError, match=f"hold {50 + len(pieces[first][0].ids)} records where 50 were counted"):
+        sharded._read(side_input(doubled), span, counts)
+
+
+def test_pieces_are_keyed_by_bucket_and_group():
+    """A side-input lookup returns one group's share of a bucket, so its size does not grow with the
+    catalogue: consecutive blocks of a bundle form groups of up to the group size. Groups that share a name
+    (an item read twice) add up under one key."""
+    blocks = [sharded.Shard.stack([{"item_id": f"b{b}i{j}", "vector": np.ones(2), "parts": {}} for j in range(300)])
+              for b in range(3)]
+    cut = sharded._Cut(600)
+    cut.start_bundle()
+    keys = [[key for key, _ in cut.process(block)] for block in blocks]
+    groups = [{g for _, g in k} for k in keys]
+    assert all(len(k) == len(set(k)) for k in keys)  # one piece per bucket in a block
+    assert all(len(g) == 1 for g in groups) and groups[0] == groups[1] != groups[2]
+    assert {b for b, _ in keys[0]} <= set(range(sharded.BUCKETS))
+    twice, counts = collections.defaultdict(list), collections.Counter()
+    for block in (blocks[0], blocks[0]):
+        cut.start_bundle()
+        for key, piece in cut.process(block):
+            twice[key].append(piece)
+            counts[key] += len(piece.ids)
+    (span,) = sharded.spans(sharded.bucket_counts(counts), 10_000)
+    assert sharded.bucket_counts(counts).sum() == 600 == len(sharded._read(side_input(twice), span, counts).ids)
 
 
 def test_batch_keeps_each_querys_exclusions():
@@ -235,9 +258,9 @@ def test_transform_refuses_windowed_records():
         _ = {"queries": windowed, "items": items} | TopK(2)
 
 
-def every_bucket(pieces):
-    """A side-input-like mapping: a bucket with no pieces reads as empty."""
-    return {b: pieces.get(b, []) for b in range(sharded.BUCKETS)}
+def side_input(pieces):
+    """A multimap side input's behaviour: a key with no pieces reads as empty."""
+    return collections.defaultdict(list, pieces)
 
 
 def test_transform_refuses_vectors_of_different_lengths(tmp_path):

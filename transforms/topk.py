@@ -1,23 +1,26 @@
 """Exact top-k of queries against items at any catalogue size, one matrix product per (query batch, item shard).
 
-Every item id hashes to one of ``BUCKETS`` buckets (``models.topk.bucket``). Items are stacked into blocks
-in the bundle that reads them and cut by bucket there, and the pieces become a side input looked up by
-bucket, so the items cross the runner once and whole shards are never shuffled. Once they are counted per
-bucket, a shard is a range of consecutive buckets holding about ``shard_size`` items. Queries never cross
-the runner: they are stacked into batches of up to ``batch_size`` in the bundle that makes them, and each
-batch is ranked there against every shard in turn, one matrix product per shard (``models.topk``), its
-partials merging as they come; the rankings are yielded per query from that bundle, so what consumes them
-runs there too. Moving data between stages is the largest cost after the product on a local runner (see
-the README), and a job's users, their exclusions and their rankings are most of its data. A worker holds one batch and
-one shard, the last it read, which the next batch starts with: a catalogue of one shard is read once per
-worker. Parallelism follows the queries' bundles. The kernel rescores its answer exactly, so a ranking does
-not depend on which queries share a batch, and ties are broken by item id, so it does not depend on how
-items are cut up either. Counts are checked where pieces meet, so items a runner loses or duplicates fail
-the job instead of silently changing a ranking. The same transform serves recommendations (users as
-queries, their seen items excluded) and similar items (items as queries, each excluding itself).
+Every item id hashes to one of ``BUCKETS`` buckets (``models.topk.bucket``). Items are stacked into blocks in
+the bundle that reads them and cut by bucket there, and the pieces become a side input looked up by (bucket,
+group of blocks), so the items cross the runner once, whole shards are never shuffled, and no one lookup
+returns more than a group's share of a bucket however large the catalogue (a lookup's answer arrives as one
+message, and a worker's peak memory grew with its size). Once the pieces are counted, a shard is a range of
+consecutive buckets holding about ``shard_size`` items. Queries never cross the runner: they are stacked into
+batches of up to ``batch_size`` in the bundle that makes them, and each batch is ranked there against every
+shard in turn, one matrix product per shard (``models.topk``), its partials merging as they come; the rankings
+are yielded per query from that bundle, so what consumes them runs there too. Moving data between stages is
+the largest cost after the product on a local runner (see the README), and a job's users, their exclusions and
+their rankings are most of its data. A worker holds one batch and one shard, the last it read, which the next
+batch starts with: a catalogue of one shard is read once per worker. Parallelism follows the queries' bundles.
+The kernel rescores its answer exactly, so a ranking does not depend on which queries share a batch, and ties
+are broken by item id, so it does not depend on how items are cut up either. Counts are checked where pieces
+meet, so items a runner loses or duplicates fail the job instead of silently changing a ranking. The same
+transform serves recommendations (users as queries, their seen items excluded) and similar items (items as
+queries, each excluding itself).
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import itertools
 import math
@@ -33,6 +36,7 @@ USER_BATCH = 8192    # queries per batch: 8192 x 64 float32 is 2 MiB, plus the e
 ITEM_SHARD = 131072  # items per shard: 131072 x 64 float32 is 32 MiB per modality plus the fused vector
 BUCKETS = 64         # a catalogue of more than BUCKETS x shard size items gets larger shards
 BLOCK = 16384        # items stacked at a time where they are read: 32768 read faster, but the stacking peaks higher
+GROUP = 4 * BLOCK    # items at most under one side-input key per bucket: bigger answers, fewer lookups
 
 
 class Shard(NamedTuple):
@@ -185,11 +189,11 @@ class TopK(beam.PTransform):
         self._k, self._batch, self._shard = k, batch_size, shard_size
 
     def expand(self, inputs):
-        items, item_counts = inputs["items"] | "ItemPieces" >> _Pieces()
+        items, piece_counts = inputs["items"] | "ItemPieces" >> _Pieces()
         return (_global(inputs["queries"])
                 | "QueryBatches" >> beam.ParDo(_Stack(Batch, self._batch))
                 | "Rank" >> beam.ParDo(_Rank(self._k, self._shard), beam.pvalue.AsMultiMap(items),
-                                       beam.pvalue.AsSingleton(item_counts)))
+                                       beam.pvalue.AsSingleton(piece_counts)))
 
 
 def _global(records):
@@ -199,15 +203,15 @@ def _global(records):
 
 
 class _Pieces(beam.PTransform):
-    """Items into ``(bucket, piece)`` pairs, stacked in the bundle that reads them and cut by bucket, and the
-    number of items in each bucket (one array, the only thing that waits for all items)."""
+    """Items into ``((bucket, group), piece)`` pairs, stacked in the bundle that reads them and cut by bucket,
+    and the number of items under each key (a ``Counter``, the only thing that waits for all items)."""
 
     def expand(self, records):
-        blocks = _global(records) | "Stack" >> beam.ParDo(_Stack(Shard, BLOCK))
-        counts = (blocks
-                  | "Count" >> beam.Map(lambda b: np.bincount(_buckets(b), minlength=BUCKETS))
-                  | "Total" >> beam.CombineGlobally(lambda counts: sum(counts, np.zeros(BUCKETS, dtype=np.int64))))
-        return blocks | "Cut" >> beam.FlatMap(_cut), counts
+        pieces = _global(records) | "Stack" >> beam.ParDo(_Stack(Shard, BLOCK)) | "Cut" >> beam.ParDo(_Cut(GROUP))
+        counts = (pieces
+                  | "Count" >> beam.Map(lambda kv: collections.Counter({kv[0]: len(kv[1].ids)}))
+                  | "Total" >> beam.CombineGlobally(lambda counts: sum(counts, collections.Counter())))
+        return pieces, counts
 
 
 class _Stack(beam.DoFn):
@@ -236,23 +240,47 @@ class _Stack(beam.DoFn):
         return block
 
 
-def _buckets(block) -> np.ndarray:
-    return topk.bucket(block.hashes, BUCKETS)
+class _Cut(beam.DoFn):
+    """Blocks into pieces by bucket, keyed ``(bucket, group)``: consecutive blocks of a bundle, up to ``size``
+    items, form a group, named by its first row's hash. Groups that share a name (a repeated item id) share
+    keys, which the counts then add up."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self._size = size
+
+    def start_bundle(self):
+        self._group, self._rows = 0, self._size
+
+    def process(self, block):
+        if self._rows + len(block.ids) > self._size:
+            self._group, self._rows = int(block.hashes[0] >> np.uint64(1)), 0  # fits an int64, as keys must
+        self._rows += len(block.ids)
+        yield from _cut(block, self._group)
 
 
-def _cut(block):
-    """The block's rows in pieces by bucket: reordered once, then cut into slices."""
-    buckets = _buckets(block)
+def _cut(block, group: int):
+    """The block's rows in pieces by bucket, keyed ``(bucket, group)``: reordered once, then cut into slices."""
+    buckets = topk.bucket(block.hashes, BUCKETS)
     order = np.argsort(buckets, kind="stable")
     block, buckets = block.take(order), buckets[order]
     edges = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1], True])
     for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
-        yield int(buckets[lo]), block.rows(lo, hi)
+        yield (int(buckets[lo]), group), block.rows(lo, hi)
 
 
-def _read(pieces, span: Span) -> Shard:
+def bucket_counts(piece_counts) -> np.ndarray:
+    """Items per bucket, from the counts per ``(bucket, group)`` key."""
+    out = np.zeros(BUCKETS, dtype=np.int64)
+    for (bucket, _), rows in piece_counts.items():
+        out[bucket] += rows
+    return out
+
+
+def _read(pieces, span: Span, piece_counts) -> Shard:
     """The shard of ``span`` from its pieces, checked against the count before anything is copied."""
-    mine = [p for bucket in range(span.lo, span.hi) for p in pieces[bucket]]
+    keys = sorted(key for key in piece_counts if span.lo <= key[0] < span.hi)
+    mine = [p for key in keys for p in pieces[key]]
     held = sum(len(p.ids) for p in mine)
     if held != span.rows:
         raise RuntimeError(f"TopK: item buckets {span.lo}..{span.hi - 1} hold {held} records where {span.rows} "
@@ -281,8 +309,8 @@ class _Rank(beam.DoFn):
         topk.compile_kernels()
         self._held = None  # (span, shard, HashIndex of its ids)
 
-    def process(self, batch, items, item_counts):
-        shards = spans(item_counts, self._shard_size)
+    def process(self, batch, items, piece_counts):
+        shards = spans(bucket_counts(piece_counts), self._shard_size)
         if self._held is not None and self._held[0] in shards:
             shards.remove(self._held[0])
             shards.insert(0, self._held[0])
@@ -291,7 +319,8 @@ class _Rank(beam.DoFn):
         best = None
         for span in shards:
             mine = np.flatnonzero((buckets >= span.lo) & (buckets < span.hi))
-            ranked = self._rank(batch, rows[mine], batch.excluded_ids[mine], hashes[mine], *self._shard(items, span))
+            ranked = self._rank(batch, rows[mine], batch.excluded_ids[mine], hashes[mine],
+                                *self._shard(items, span, piece_counts))
             best = ranked if best is None else merge(best, ranked, self._k)
         if best is not None:
             yield from _per_query(best)
@@ -305,12 +334,12 @@ class _Rank(beam.DoFn):
         return Ranked(batch.ids, item_ids, scores, shard.modalities,
                       topk.contributions(batch.vectors, shard.parts, shard.has, columns))
 
-    def _shard(self, items, span: Span):
+    def _shard(self, items, span: Span, piece_counts):
         if self._held is None or self._held[0] != span:
             self._held = None
             if _MALLOC_TRIM is not None:
                 _MALLOC_TRIM(0)
-            shard = _read(items, span)
+            shard = _read(items, span, piece_counts)
             self._held = span, shard, topk.HashIndex(shard.ids, shard.hashes)
         return self._held[1:]
 
