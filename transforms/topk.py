@@ -36,7 +36,7 @@ USER_BATCH = 8192    # queries per batch: 8192 x 64 float32 is 2 MiB, plus the e
 ITEM_SHARD = 131072  # items per shard: 131072 x 64 float32 is 32 MiB per modality plus the fused vector
 BUCKETS = 64         # a catalogue of more than BUCKETS x shard size items gets larger shards
 BLOCK = 16384        # items stacked at a time where they are read: 32768 read faster, but the stacking peaks higher
-GROUP = 4 * BLOCK    # items at most under one side-input key per bucket: bigger answers, fewer lookups
+GROUP = 4 * BLOCK    # items at most per group of blocks; a side-input lookup answers one group's share of a bucket
 
 
 class Shard(NamedTuple):
