@@ -204,20 +204,23 @@ def test_lost_or_duplicated_pieces_fail_the_job():
 
 def test_pieces_are_keyed_by_bucket_and_group():
     """A side-input lookup returns one group's share of a bucket, so its size does not grow with the
-    catalogue: consecutive blocks of a bundle form groups of up to the group size. Groups that share a name
-    (an item read twice) add up under one key."""
+    catalogue: consecutive blocks a worker cuts, in one bundle or several, form groups of up to the group
+    size. Groups that share a name (an item read twice) add up under one key."""
     blocks = [sharded.Shard.stack([{"item_id": f"b{b}i{j}", "vector": np.ones(2), "parts": {}} for j in range(300)])
               for b in range(3)]
     cut = sharded._Cut(600)
-    cut.start_bundle()
-    keys = [[key for key, _ in cut.process(block)] for block in blocks]
+    cut.setup()
+    keys = []
+    for block in blocks:  # a bundle each
+        cut.start_bundle()
+        keys.append([key for key, _ in cut.process(block)])
     groups = [{g for _, g in k} for k in keys]
     assert all(len(k) == len(set(k)) for k in keys)  # one piece per bucket in a block
     assert all(len(g) == 1 for g in groups) and groups[0] == groups[1] != groups[2]
     assert {b for b, _ in keys[0]} <= set(range(sharded.BUCKETS))
     twice, counts = collections.defaultdict(list), collections.Counter()
     for block in (blocks[0], blocks[0]):
-        cut.start_bundle()
+        cut.setup()  # each in a worker of its own
         for key, piece in cut.process(block):
             twice[key].append(piece)
             counts[key] += len(piece.ids)

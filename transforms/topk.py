@@ -241,15 +241,16 @@ class _Stack(beam.DoFn):
 
 
 class _Cut(beam.DoFn):
-    """Blocks into pieces by bucket, keyed ``(bucket, group)``: consecutive blocks of a bundle, up to ``size``
-    items, form a group, named by its first row's hash. Groups that share a name (a repeated item id) share
-    keys, which the counts then add up."""
+    """Blocks into pieces by bucket, keyed ``(bucket, group)``: consecutive blocks that one worker cuts, up to
+    ``size`` items, form a group, named by its first row's hash. A group spans bundles, so small bundles
+    (small blocks) do not multiply the lookups. Groups that share a name (a repeated item id) share keys,
+    which the counts then add up."""
 
     def __init__(self, size: int):
         super().__init__()
         self._size = size
 
-    def start_bundle(self):
+    def setup(self):
         self._group, self._rows = 0, self._size
 
     def process(self, block):
