@@ -79,7 +79,7 @@ def _blocks(n: int):
 def measure_blas(a) -> dict:
     """Best sgemm rate for one (batch, shard) product's shape, (user batch x dim) @ (dim x item shard), done
     whole (OpenBLAS's own threads; 1,024 rows at a time, as a whole 8192 x 131072 result is 4 GiB) and in
-    the top-k kernel's 512 x 512 tiles, one thread per core over half the rows each (in cache: the peak
+    the top-k kernel's 512 x 512 tiles, one thread per core over an equal share of the rows (in cache: the peak
     for this shape). The peak is the faster."""
     from concurrent.futures import ThreadPoolExecutor
 

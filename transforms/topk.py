@@ -4,19 +4,20 @@ Every item id hashes to one of ``BUCKETS`` buckets (``models.topk.bucket``). Ite
 the bundle that reads them and cut by bucket there, and the pieces become a side input looked up by (bucket,
 group of blocks), so the items cross the runner once, whole shards are never shuffled, and no one lookup
 returns more than a group's share of a bucket however large the catalogue (a lookup's answer arrives as one
-message, and a worker's peak memory grew with its size). Once the pieces are counted, a shard is a range of
-consecutive buckets holding about ``shard_size`` items. Queries never cross the runner: they are stacked into
-batches of up to ``batch_size`` in the bundle that makes them, and each batch is ranked there against every
-shard in turn, one matrix product per shard (``models.topk``), its partials merging as they come; the rankings
-are yielded per query from that bundle, so what consumes them runs there too. Moving data between stages is
-the largest cost after the product on a local runner (see the README), and a job's users, their exclusions and
-their rankings are most of its data. A worker holds one batch and one shard, the last it read, which the next
-batch starts with: a catalogue of one shard is read once per worker. Parallelism follows the queries' bundles.
-The kernel rescores its answer exactly, so a ranking does not depend on which queries share a batch, and ties
-are broken by item id, so it does not depend on how items are cut up either. Counts are checked where pieces
-meet, so items a runner loses or duplicates fail the job instead of silently changing a ranking. The same
-transform serves recommendations (users as queries, their seen items excluded) and similar items (items as
-queries, each excluding itself).
+message, and a worker's peak memory grew with its size; this holds where workers look up one key at a time, as
+SDK worker processes do: the local runner's in-process workers read a whole side input at their first lookup).
+Once the pieces are counted, a shard is a range of consecutive buckets holding about ``shard_size`` items.
+Queries never cross the runner: they are stacked into batches of up to ``batch_size`` in the bundle that makes
+them, and each batch is ranked there against every shard in turn, one matrix product per shard
+(``models.topk``), its partials merging as they come; the rankings are yielded per query from that bundle, so
+what consumes them runs there too. Moving data between stages is the largest cost after the product on a local
+runner (see the README), and a job's users, their exclusions and their rankings are most of its data. A worker
+holds one batch and one shard, the last it read, which the next batch starts with: a catalogue of one shard is
+read once per worker. Parallelism follows the queries' bundles. The kernel rescores its answer exactly, so a
+ranking does not depend on which queries share a batch, and ties are broken by item id, so it does not depend
+on how items are cut up either. Counts are checked where pieces meet, so items a runner loses or duplicates
+fail the job instead of silently changing a ranking. The same transform serves recommendations (users as
+queries, their seen items excluded) and similar items (items as queries, each excluding itself).
 """
 from __future__ import annotations
 
@@ -241,10 +242,11 @@ class _Stack(beam.DoFn):
 
 
 class _Cut(beam.DoFn):
-    """Blocks into pieces by bucket, keyed ``(bucket, group)``: consecutive blocks that one worker cuts, up to
-    ``size`` items, form a group, named by its first row's hash. A group spans bundles, so small bundles
-    (small blocks) do not multiply the lookups. Groups that share a name (a repeated item id) share keys,
-    which the counts then add up."""
+    """Blocks into pieces by bucket, keyed ``(bucket, group)``: consecutive blocks that one instance of this
+    DoFn cuts (a runner has one per worker thread), up to ``size`` items, form a group, named by its first
+    row's hash. A group spans bundles, so small bundles (small blocks) do not multiply the lookups; many
+    instances each cutting less than ``size`` items do (a shard read takes at least one lookup per instance
+    and bucket). Groups that share a name (a repeated item id) share keys, which the counts then add up."""
 
     def __init__(self, size: int):
         super().__init__()
@@ -279,7 +281,7 @@ def bucket_counts(piece_counts) -> np.ndarray:
 
 
 def _read(pieces, span: Span, piece_counts) -> Shard:
-    """The shard of ``span`` from its pieces, checked against the count before anything is copied."""
+    """The shard of ``span`` from its pieces, checked against the count before they are put together."""
     keys = sorted(key for key in piece_counts if span.lo <= key[0] < span.hi)
     mine = [p for key in keys for p in pieces[key]]
     held = sum(len(p.ids) for p in mine)
