@@ -103,7 +103,8 @@ def recommend(job: Job, options: PipelineOptions, items, interactions) -> None:
         _popular, beam.pvalue.AsSingleton(popular, default_value=[]), o.top_k)
     all_ranked = (ranked, popular_ranked) | "AllRecommendations" >> beam.Flatten()
     _ranked_stage(job, "recommend", users | "RecommendUserIds" >> beam.Map(lambda u: u["user_id"]), all_ranked,
-                  "nothing_to_recommend", "the user has interacted with every item that has a vector")
+                  "nothing_to_recommend", "the user has seen every item that has a vector (a user without "
+                  "usable history: every popular recent item)")
     job.write("recommendations", all_ranked | "RecommendationRows" >> beam.FlatMap(_rows, "user_id", "item_id"),
               RECOMMENDATIONS)
 

@@ -14,5 +14,5 @@ from runners import local
 def create_pipeline(options: PipelineOptions) -> beam.Pipeline:
     """A pipeline on the runner the options name; local names (or none) mean the FnApiRunner."""
     name = options.view_as(StandardOptions).runner
-    runner = local.runner() if name in local.NAMES else name
+    runner = local.runner() if local.is_local(name) else name
     return beam.Pipeline(runner=runner, options=options)

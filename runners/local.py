@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-NAMES = (None, "DirectRunner", "FnApiRunner", "InMemoryRunner")
+NAMES = ("directrunner", "fnapirunner", "inmemoryrunner")
+
+
+def is_local(name: str | None) -> bool:
+    """Whether ``--runner`` names the local engine (or nothing). Beam accepts a name in any case, with or
+    without "Runner" (``direct``), so every such spelling must come here rather than reach Prism."""
+    return name is None or name.lower() in NAMES or f"{name.lower()}runner" in NAMES
 
 
 def runner() -> FnApiRunner:

@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability import common_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.dataflow.internal import apiclient
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
+import runners
 from pipelines import nightly
 from pipelines.job import execute
 from pipelines.options import help_text
@@ -144,16 +147,30 @@ def test_portable_runner_with_external_workers_equals_local_runner(demo, demo_ni
     assert_same_runs(demo_night, tmp_path / "portable" / RUN_DATE)
 
 
+def test_every_spelling_of_the_direct_runner_gets_the_local_engine():
+    """Beam takes runner names in any case and without "Runner"; none of them may fall to Beam's DirectRunner,
+    which first tries Prism (a download)."""
+    for flags in ([], ["--runner=DirectRunner"], ["--runner=direct"], ["--runner=directrunner"], ["--runner=FnApi"],
+                  ["--runner=InMemoryRunner"]):
+        assert isinstance(runners.create_pipeline(PipelineOptions(flags)).runner, FnApiRunner), flags
+    portable_runner = runners.create_pipeline(PipelineOptions(["--runner=PortableRunner"])).runner
+    assert type(portable_runner).__name__ == "PortableRunner"  # other names go to Beam as given
+
+
 def test_portable_options_for_each_environment():
     docker = portable.PortableJob(job_endpoint="jobs:8099", environment_config="eu.gcr.io/p/mmfuse:1", parallelism=8)
     assert docker.args() == ["--runner=PortableRunner", "--job_endpoint=jobs:8099", "--environment_type=DOCKER",
                              "--environment_config=eu.gcr.io/p/mmfuse:1", "--parallelism=8",
                              "--sdk_worker_parallelism=1"]
-    process = portable.PortableJob(flink_master="flink:8081", environment_type="PROCESS").args()
-    assert process[:4] == ["--runner=FlinkRunner", "--flink_master=flink:8081", "--environment_type=PROCESS",
+    process = portable.PortableJob(flink_master="flink:8081", flink_job_server_jar="/opt/flink-js.jar",
+                                   environment_type="PROCESS").args()
+    assert process[:5] == ["--runner=FlinkRunner", "--flink_master=flink:8081",
+                           "--flink_job_server_jar=/opt/flink-js.jar", "--environment_type=PROCESS",
                            '--environment_config={"command": "/opt/apache/beam/boot"}']
     for bad in ({"job_endpoint": "a:1", "environment_type": "EXTERNAL"},  # where is the worker pool?
                 {"job_endpoint": "a:1", "flink_master": "b:2", "environment_config": "img"},
+                {"flink_master": "b:2", "environment_config": "img"},  # Beam would download the job server
+                {"job_endpoint": "a:1", "flink_job_server_jar": "/js.jar", "environment_config": "img"},
                 {"job_endpoint": "a:1", "environment_type": "SUBPROCESS", "environment_config": "x"}):
         with pytest.raises(ValueError):
             portable.PortableJob(**bad)
