@@ -46,6 +46,7 @@ $(VENV)-bench/.installed: bench/requirements-peers.txt requirements-weights.txt
 bench: install $(VENV)-bench/.installed
 	$(BIN)/python -m bench.encoders
 	$(BIN)/python -m bench.topk
+	$(BIN)/python -m bench.scale
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -1,19 +1,22 @@
 """Learned alignment and fusion: one vector space for every modality, including a collaborative one.
 
 Each content modality gets a projection head (z-score, then linear or a small MLP) into ``dim``; the
-collaborative modality (``cf``) is an item embedding learned from interactions, present only for items
-seen in training. Fusion weights the unit-length aligned vectors of the modalities an item has (mean, fixed
+collaborative modality (``cf``) is a closed-form vector from interactions (``models.collaborative``), fixed
+while the heads learn and given to the model as an input, so the model's size does not depend on the
+catalogue; items without interactions have none. Fusion weights the unit-length aligned vectors of the modalities an item has (mean, fixed
 weights, or a learned gate) and renormalises. Training combines two InfoNCE losses with in-batch
 negatives: CLIP-style between every pair of modalities an item has, and between a user's history (the mean
 of the fused vectors of earlier items, which is how user vectors are made downstream) and the item that
 came next. Modalities are dropped at random while training, so an item missing one still lands in the
-same space. Only ``keras.ops``: it runs on any Keras backend. Nothing here knows about Beam.
+same space. What was tuned by hand on one data set (the cf popularity tilt, the fusion) is chosen on the
+fit's own validation split. Only ``keras.ops``: it runs on any Keras backend. Nothing here knows about Beam.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -22,8 +25,10 @@ import numpy as np
 from keras import layers, ops
 
 from models import collaborative
+from models import evaluation as ev
 
 CF = "cf"  # name of the collaborative modality
+_ANCHORS = collaborative.ANCHORS  # the config's field "collaborative" hides the module inside the class body
 MODEL_FILE, CONFIG_FILE = "alignment.keras", "alignment.json"
 PAD_ITEMS = 256
 KIND = "contrastive"
@@ -70,21 +75,20 @@ class Standardize(layers.Layer):
 @keras.saving.register_keras_serializable("mmfuse")
 class AlignmentModel(keras.Model):
     """Inputs: ``{m: (n, d_m)}`` per content modality (zeros where absent), ``mask`` (n, M) presence in
-    ``modalities`` order, ``cf`` (n,) int32 row of the item's collaborative vector (0: none).
+    ``modalities`` order, and with ``collaborative`` ``cf`` (n, dim) unit vectors (zeros where absent).
     Output: ``{"aligned": (n, M, dim) unit vectors, "weights": (n, M), "fused": (n, dim), "parts": ...}``."""
 
-    def __init__(self, dims: dict, dim: int = 64, hidden: int = 256, n_cf: int = 0, fusion: str = "attention",
-                 logits: Sequence[float] | None = None, temperature: float = 0.1, fixed_cf: bool = False, **kwargs):
+    def __init__(self, dims: dict, dim: int = 64, hidden: int = 256, collaborative: bool = False,
+                 fusion: str = "attention", logits: Sequence[float] | None = None, temperature: float = 0.1,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.dims, self.dim, self.hidden, self.n_cf, self.fixed_cf = dict(dims), dim, hidden, n_cf, fixed_cf
+        self.dims, self.dim, self.hidden, self.collaborative = dict(dims), dim, hidden, collaborative
         self.fusion, self.temperature = fusion, temperature
-        self.modalities = list(self.dims) + ([CF] if n_cf else [])
+        self.modalities = list(self.dims) + ([CF] if collaborative else [])
         self.logits = None if logits is None else [float(v) for v in logits]
         self.standardize = {m: Standardize(name=f"z_{m}") for m in self.dims}
         self.heads = {m: keras.Sequential(([layers.Dense(hidden, activation="gelu")] if hidden else [])
                                           + [layers.Dense(dim)], name=f"head_{m}") for m in self.dims}
-        if n_cf:
-            self.cf_table = layers.Embedding(n_cf + 1, dim, name="cf_table", trainable=not fixed_cf)
         if fusion == "attention":  # a score per (item, modality) from the aligned vector, plus a modality bias
             self.gate = keras.Sequential([layers.Dense(32, activation="tanh"), layers.Dense(1)], name="gate")
             self.gate_bias = self.add_weight(shape=(len(self.modalities),), initializer="zeros", name="gate_bias")
@@ -98,8 +102,8 @@ class AlignmentModel(keras.Model):
     def call(self, inputs):
         mask = ops.cast(inputs["mask"], "float32")
         vectors = [self.heads[m](self.standardize[m](inputs[m])) for m in self.dims]
-        if self.n_cf:
-            vectors.append(self.cf_table(inputs["cf"]))
+        if self.collaborative:
+            vectors.append(ops.cast(inputs[CF], "float32"))
         aligned = ops.stack(vectors, axis=1)
         aligned = aligned / ops.maximum(ops.sqrt(ops.sum(aligned * aligned, axis=-1, keepdims=True)), 1e-12)
         aligned = aligned * mask[..., None]
@@ -142,8 +146,8 @@ class AlignmentModel(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), "dims": self.dims, "dim": self.dim, "hidden": self.hidden,
-                "n_cf": self.n_cf, "fusion": self.fusion, "logits": self.logits, "temperature": self.temperature,
-                "fixed_cf": self.fixed_cf}
+                "collaborative": self.collaborative, "fusion": self.fusion, "logits": self.logits,
+                "temperature": self.temperature}
 
 
 def _info_nce(logits, valid):
@@ -159,19 +163,25 @@ class AlignConfig:
 
     dim: int = 64
     hidden: int = 256  # 0: linear heads
-    fusion: str = "attention"
+    fusion: str = "auto"  # "auto": chosen on validation among attention and cf at fixed weights (see CF_WEIGHTS)
     fusion_weights: dict = dataclasses.field(default_factory=dict)
-    collaborative: bool = True  # a cf modality for items seen in training interactions
-    cf_vectors: str = "learned"  # "learned" with the heads, or "ease": closed form (models.collaborative), held fixed
-    cf_beta: float = 0.75  # "ease": how far popularity tilts the vectors (validation on MovieLens: 0.75 at dim 64, 0.5 at 256)
+    collaborative: bool = True  # a cf modality for items with interactions
+    cf_beta: float | None = None  # how far popularity tilts cf vectors; None: chosen on validation among CF_BETAS
+    cf_anchors: int = _ANCHORS  # items of the dense EASE step; the others are folded in
     temperature: float = 0.1
     modality_dropout: float = 0.3
     history: int = 30  # most recent earlier items forming a training user's history
     users_per_batch: int = 1024  # each step embeds every item its examples touch: big batches amortise it
     epochs: int = 40
+    max_seconds: float = 600.0  # training time of the probe and of the refit, each at most half of it
     patience: int = 3
     learning_rate: float = 5e-3
+    select_users: int = 2000  # validation users that score each choice made on validation
     seed: int = 0
+
+
+CF_BETAS = (0.25, 0.5, 0.75)
+CF_WEIGHTS = (0.5, 0.7, 0.85)  # "auto" fusion: cf's fixed weight; content modalities share the rest equally
 
 
 @dataclasses.dataclass
@@ -186,11 +196,11 @@ class Catalog:
 
 
 class Aligner:
-    """A fitted alignment: the Keras model plus what maps items onto its inputs (the cf vocabulary)."""
+    """A fitted alignment: the Keras model plus the cf vectors of the items it was fitted on."""
 
-    def __init__(self, model: AlignmentModel, cf_items: Sequence[str], config: AlignConfig, metrics: dict):
-        self.model, self.config, self.metrics = model, config, metrics
-        self.cf_index = {item: i + 1 for i, item in enumerate(cf_items)}
+    def __init__(self, model: AlignmentModel, config: AlignConfig, metrics: dict,
+                 cf: collaborative.CfTable | None = None):
+        self.model, self.config, self.metrics, self.cf = model, config, metrics, cf
 
     @property
     def modalities(self) -> list[str]:
@@ -201,16 +211,19 @@ class Aligner:
         return self.model.dims
 
     def inputs(self, item_ids: Sequence[str], features: Mapping[str, np.ndarray]) -> dict:
-        """Model inputs for items whose ``features[m]`` rows are NaN where the modality is absent."""
+        """Model inputs for items whose ``features[m]`` rows are NaN where the modality is absent. An item's
+        cf vector is ``features["cf"]`` (e.g. folded in by the pipeline) where given, else the fitted table's."""
         out, present = {}, []
-        for m in self.model.dims:
-            x = np.asarray(features[m], np.float32)
+        for m in list(self.model.dims) + ([CF] if self.model.collaborative else []):
+            if m == CF:
+                x = self.cf.lookup(item_ids)
+                if CF in features:
+                    x = np.where(np.isnan(x), np.asarray(features[CF], np.float32), x)
+            else:
+                x = np.asarray(features[m], np.float32)
             ok = ~np.isnan(x).any(1)
             out[m], present = np.where(ok[:, None], x, 0.0).astype(np.float32), present + [ok]
-        cf = np.asarray([self.cf_index.get(i, 0) for i in item_ids], np.int32)
-        if self.model.n_cf:
-            present.append(cf > 0)
-        out["cf"], out["mask"] = cf, np.stack(present, 1).astype(np.float32)
+        out["mask"] = np.stack(present, 1).astype(np.float32)
         return out
 
     def apply(self, item_ids: Sequence[str], features: Mapping[str, np.ndarray], batch_size: int = 1024) -> dict:
@@ -225,12 +238,16 @@ class Aligner:
         return out
 
     def save(self, folder: str | Path) -> None:
+        """The model without its optimizer state, the config and metrics, and the cf table."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.save(folder / MODEL_FILE)
-        cf_items = sorted(self.cf_index, key=self.cf_index.get)
+        clean = AlignmentModel.from_config(self.model.get_config())
+        clean(self.inputs([""], {m: np.zeros((1, d), np.float32) for m, d in self.model.dims.items()}))  # builds it
+        clean.set_weights(self.model.get_weights())
+        clean.save(folder / MODEL_FILE)
+        if self.cf is not None:
+            self.cf.save(folder)
         (folder / CONFIG_FILE).write_text(json.dumps({"kind": KIND, "config": dataclasses.asdict(self.config),
-                                                      "cf_items": cf_items,
                                                       "modalities": self.modalities, "metrics": self.metrics},
                                                      indent=1))
 
@@ -239,7 +256,8 @@ class Aligner:
         folder = Path(folder)
         meta = json.loads((folder / CONFIG_FILE).read_text())
         model = keras.saving.load_model(folder / MODEL_FILE)
-        return cls(model, meta["cf_items"], AlignConfig(**meta["config"]), meta["metrics"])
+        cf = collaborative.CfTable.load(folder) if model.collaborative else None
+        return cls(model, AlignConfig(**meta["config"]), meta["metrics"], cf)
 
 
 class _Batches(keras.utils.PyDataset):
@@ -322,64 +340,151 @@ def examples(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray,
     return np.where(valid, item[np.maximum(offsets, 0)], -1), item[rows], order[rows]
 
 
+class _TimeLimit(keras.callbacks.Callback):
+    """Stops training at an epoch's end when one more epoch would end past ``seconds``. Fits are reproducible
+    while this does not bind; when it does, the epochs trained are recorded with the artifact."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds, self.stopped = seconds, False
+
+    def on_train_begin(self, logs=None):
+        self.start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.monotonic() - self.start
+        if elapsed * (epoch + 2) / (epoch + 1) > self.seconds:
+            self.model.stop_training = self.stopped = True
+
+
+def cf_table(catalog: Catalog, factors: collaborative.Factors, beta: float) -> collaborative.CfTable:
+    """The cf vectors of the catalog items that have interactions, for one popularity tilt."""
+    vectors, solver = factors.table(beta)
+    rows = np.flatnonzero(~np.isnan(vectors).any(1))
+    return collaborative.CfTable(catalog.item_ids[rows], vectors[rows], np.isin(rows, factors.anchors), solver)
+
+
 def fit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndarray],
         validation: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-        config: AlignConfig = AlignConfig(), log_dir: str | None = None) -> Aligner:
+        config: AlignConfig = AlignConfig(), log_dir: str | None = None,
+        cf: collaborative.CfTable | None = None) -> Aligner:
     """Fit the alignment on ``catalog`` and interactions given as (user, item row, timestamp) arrays.
 
     ``validation`` interactions come after each user's training ones; the loss on them (histories from
-    train + validation in time order) drives early stopping. Returns the best epoch's weights.
+    train + validation in time order) drives early stopping. ``cf``: the cf vectors (default: from ``train``,
+    tilted by ``config.cf_beta``, 0.75 when unset). ``fusion="auto"`` trains the attention gate. Returns the
+    best epoch's weights; training stops after ``config.epochs`` or ``config.max_seconds``.
     """
     keras.utils.set_random_seed(config.seed)
-    dims = {m: catalog.features[m].shape[1] for m in catalog.features}
-    cf_items = (np.unique(train[1]) if config.collaborative else np.array([], np.int64))
-    logits = None if config.fusion == "attention" else fixed_logits(
-        list(dims) + ([CF] if len(cf_items) else []), config.fusion, config.fusion_weights).tolist()
-    fixed_cf = bool(len(cf_items)) and config.cf_vectors == "ease"
-    model = AlignmentModel(dims, config.dim, config.hidden, len(cf_items), config.fusion, logits, config.temperature,
-                           fixed_cf)
-    present = catalog.present()
-    model.set_statistics({m: (np.nanmean(catalog.features[m][present[:, j]], 0), np.nanstd(catalog.features[m][present[:, j]], 0))
-                          for j, m in enumerate(dims)})
-    aligner = Aligner(model, catalog.item_ids[cf_items].tolist(), config, {})
-    data = _Batches(aligner, catalog, examples(*train, config.history)[:2], config, train=True)
-    callbacks, val = [], None
+    dims = {m: catalog.features[m].shape[1] for m in catalog.features if m != CF}
+    if config.collaborative and cf is None:
+        factors = collaborative.Factors(train[0], train[1], len(catalog.item_ids), config.dim, config.cf_anchors)
+        cf = cf_table(catalog, factors, 0.75 if config.cf_beta is None else config.cf_beta)
+    fusion = "attention" if config.fusion == "auto" else config.fusion
+    logits = None if fusion == "attention" else fixed_logits(
+        list(dims) + ([CF] if config.collaborative else []), fusion, config.fusion_weights).tolist()
+    model = AlignmentModel(dims, config.dim, config.hidden, config.collaborative, fusion, logits, config.temperature)
+    present = catalog.present()[:, [list(catalog.features).index(m) for m in dims]]
+    model.set_statistics({m: (np.nanmean(catalog.features[m][present[:, j]], 0),
+                              np.nanstd(catalog.features[m][present[:, j]], 0)) for j, m in enumerate(dims)})
+    aligner = Aligner(model, config, {}, cf if config.collaborative else None)
+    content = Catalog(catalog.item_ids, {m: catalog.features[m] for m in dims})
+    data = _Batches(aligner, content, examples(*train, config.history)[:2], config, train=True)
+    limit = _TimeLimit(config.max_seconds)
+    callbacks, val = [limit], None
     if validation is not None:
         both = tuple(np.concatenate([a, b]) for a, b in zip(train, validation))
         histories, targets, index = examples(*both, config.history)
         later = index >= len(train[0])
-        val = _Batches(aligner, catalog, (histories[later], targets[later]), config, train=False)
+        val = _Batches(aligner, content, (histories[later], targets[later]), config, train=False)
         callbacks.append(keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True))
     if log_dir:
         callbacks.append(keras.callbacks.TensorBoard(log_dir))
-    if fixed_cf:
-        rows = np.searchsorted(cf_items, train[1])
-        model.cf_table.build((None,))
-        model.cf_table.set_weights([np.r_[np.zeros((1, config.dim), np.float32),
-                                          collaborative.ease_vectors(train[0], rows, len(cf_items), config.dim,
-                                                                      beta=config.cf_beta)]])
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
     history = model.fit(data, validation_data=val, epochs=config.epochs, callbacks=callbacks, verbose=0, shuffle=False)
     aligner.metrics = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    aligner.metrics["stopped_by_time"] = limit.stopped
     return aligner
+
+
+def _validation_metrics(vectors: np.ndarray, train: tuple, validation: tuple, config: AlignConfig) -> dict:
+    """The protocol's warm metrics of item ``vectors`` (NaN: never recommended) on up to ``select_users``
+    validation users (seeded): user vector = mean of their training items' vectors, as downstream."""
+    users = np.unique(validation[0])
+    if len(users) > config.select_users:
+        users = np.sort(np.random.default_rng(config.seed).choice(users, config.select_users, replace=False))
+    index = np.full(max(train[0].max(initial=0), validation[0].max(initial=0)) + 1, -1)
+    index[users] = np.arange(len(users))
+
+    def interactions(x):
+        keep = index[x[0]] >= 0
+        return ev.Interactions(user=index[x[0][keep]], item=x[1][keep], timestamp=x[2][keep],
+                               weight=np.ones(keep.sum(), np.float32), user_ids=users.astype(str),
+                               item_ids=np.arange(len(vectors)).astype(str))
+    seen, held = interactions(train), interactions(validation)
+    return ev.evaluate(ev.ContentKNN(vectors).fit(seen).score, seen, held)
+
+
+def _choose(candidates: dict, score) -> tuple[str, dict]:
+    """The candidate with the best validation NDCG@20 (ties: the first), and every candidate's figures."""
+    figures = {name: {k: round(v, 4) for k, v in score(value).items()} for name, value in candidates.items()}
+    return max(figures, key=lambda name: figures[name]["ndcg@20"]), figures
+
+
+def _fusions(names: list[str]) -> dict[str, dict | None]:
+    """The "auto" fusion's candidates: attention, and cf at each of CF_WEIGHTS with the content modalities
+    sharing the rest equally. (Shares in the ratio attention learned did worse on MovieLens: the gate leaned
+    on posters, which rank new items worse than their text.)"""
+    content = [m for m in names if m != CF]
+    return {"attention": None, **{f"weighted cf {w}": {CF: w, **{m: (1 - w) / len(content) for m in content}}
+                                  for w in CF_WEIGHTS}}
 
 
 def fit_and_refit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndarray],
                   validation: tuple[np.ndarray, np.ndarray, np.ndarray],
                   config: AlignConfig = AlignConfig(), log_dir: str | None = None) -> Aligner:
-    """Find the number of epochs by early stopping on ``validation`` (interactions after ``train``), then
-    refit on both for that many epochs: the most recent interactions are the most telling, so they are
-    not left out of the model that is kept."""
+    """Choose on ``validation`` (interactions after ``train``) what was left open: the cf tilt (cf vectors
+    alone), the number of epochs (early stopping) and the fusion (the probe's vectors, fused each way);
+    then refit on both with those choices: the most recent interactions are the most telling, so they are
+    not left out of the model that is kept. Training time: half of ``max_seconds`` for each fit."""
+    half = dataclasses.replace(config, max_seconds=config.max_seconds / 2)
     both = tuple(np.concatenate([a, b]) for a, b in zip(train, validation))
-    if not (examples(*both, config.history)[2] >= len(train[0])).any():  # nothing to stop early on
+    n_items, chosen = len(catalog.item_ids), {}
+    if not (examples(*both, config.history)[2] >= len(train[0])).any():  # nothing to choose or stop early on
         final = fit(catalog, both, None, config, log_dir)
-        final.metrics = {"epochs": config.epochs, "loss": final.metrics["loss"]}
+        final.config = dataclasses.replace(config, fusion=final.model.fusion,
+                                           cf_beta=0.75 if config.cf_beta is None else config.cf_beta)
+        final.metrics = {"epochs": len(final.metrics["loss"]), "loss": final.metrics["loss"],
+                         "stopped_by_time": final.metrics["stopped_by_time"]}
         return final
-    probe = fit(catalog, train, validation, config, log_dir)
+    cf = None
+    if config.collaborative:
+        factors = collaborative.Factors(train[0], train[1], n_items, config.dim, config.cf_anchors)
+        betas = CF_BETAS if config.cf_beta is None else (config.cf_beta,)
+        tables = {str(b): cf_table(catalog, factors, b) for b in betas}
+        best, chosen["cf_beta"] = _choose(tables, lambda t: _validation_metrics(
+            t.lookup(catalog.item_ids), train, validation, config))
+        half, cf = dataclasses.replace(half, cf_beta=float(best)), tables[best]
+    probe = fit(catalog, train, validation, half, log_dir, cf)
     epochs = int(np.argmin(probe.metrics["val_loss"])) + 1
-    final = fit(catalog, both, None, dataclasses.replace(config, epochs=epochs))
+    if config.fusion == "auto" and config.collaborative:
+        out, names = probe.apply(catalog.item_ids, catalog.features), probe.modalities
+        candidates = _fusions(names)
+
+        def fused(weights):
+            if weights is None:
+                return out["fused"]
+            logits = np.broadcast_to(fixed_logits(names, "weighted", weights), out["mask"].shape)
+            return np.asarray(fuse(out["aligned"], out["mask"], logits)[0])
+        best, chosen["fusion"] = _choose(candidates, lambda w: _validation_metrics(
+            np.where(out["mask"].any(1, keepdims=True), fused(w), np.nan), train, validation, config))
+        half = dataclasses.replace(half, fusion="attention" if best == "attention" else "weighted",
+                                   fusion_weights=candidates[best] or {})
+    final = fit(catalog, both, None, dataclasses.replace(half, epochs=epochs))
+    final.config = dataclasses.replace(half, max_seconds=config.max_seconds, epochs=config.epochs)
     final.metrics = {"epochs": epochs, "best_val_loss": float(min(probe.metrics["val_loss"])),
-                     "probe": probe.metrics, "loss": final.metrics["loss"]}
+                     "stopped_by_time": probe.metrics["stopped_by_time"] or final.metrics["stopped_by_time"],
+                     "chosen_on_validation": chosen, "probe": probe.metrics, "loss": final.metrics["loss"]}
     return final
 
 

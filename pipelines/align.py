@@ -1,11 +1,16 @@
 """Align and fuse: fit (or reuse) the alignment, then map every item's embeddings to one fused vector.
 
-    mmfuse nightly ... [--align=contrastive|pca] [--dim=64] [--fusion=attention|mean|weighted]
+    mmfuse nightly ... [--align=contrastive|pca] [--dim=64] [--fusion=auto|attention|mean|weighted]
                        [--fusion_weights=text:0.6,image:0.4] [--refit=always|weekly|never]
+                       [--fit_events=1000000] [--fit_items=100000] [--fit_minutes=10]
 
-The fitted alignment is saved with the run (``ROOT/<date>/alignment/``: ``alignment.json`` with its config
-and training metrics, plus ``alignment.keras`` or one tf.Transform folder per modality), so later runs can
-apply it to new items without refitting. Applying it is RunInference over that artifact, writing ``items``:
+The contrastive fit trains on a bounded sample (``transforms.sample``: the newest ``--fit_events``
+interactions and at most ``--fit_items`` items), in one step whose memory is set by those caps, not by the
+catalogue. The fitted alignment is saved with the run (``ROOT/<date>/alignment/``: ``alignment.json`` with
+its config, the sample's size and training metrics, plus ``alignment.keras`` and the cf table, or one
+tf.Transform folder per modality), so later runs can apply it to new items without refitting. Items with
+interactions outside the sample get cf vectors by fold-in (``transforms.foldin``). Applying the artifact is
+RunInference over every item, writing ``items``:
 ``item_id``, ``vector`` (unit length), ``weights`` (fusion weight per present modality, summing to 1) and
 ``parts`` (per-modality share of the vector: they sum to it, so scores split into contributions).
 """
@@ -18,6 +23,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
@@ -28,9 +34,13 @@ from apache_beam.ml.inference.base import ModelHandler, ModelMetadata, RunInfere
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models import evaluation as ev
+from models.collaborative import ANCHORS, TABLE_FILE, CfTable
 from pipelines.job import Job
+from pipelines.options import EncodeOptions
 from transforms.contract import ContractError
 from transforms.deadletter import DEAD, dead_letter
+from transforms.foldin import FoldIn
+from transforms.sample import FitItems, NewestEvents
 
 # models.align and transforms.pca import Keras and TensorFlow: imported where used, so that the command line
 # answers --help and input errors without loading them.
@@ -53,19 +63,29 @@ class AlignOptions(PipelineOptions):
                             help="contrastive: projection heads trained on the catalog and interactions; "
                                  "pca: tf.Transform z-score and PCA per modality")
         parser.add_argument("--dim", type=int, default=64, help="Dimension of the shared space")
-        parser.add_argument("--fusion", default="", choices=("", *FUSIONS),
-                            help="How present modalities are weighted (default: attention for contrastive, "
-                                 "mean for pca); attention is learned and needs --align=contrastive")
+        parser.add_argument("--fusion", default="", choices=("", "auto", *FUSIONS),
+                            help="How present modalities are weighted (default: auto for contrastive, chosen on "
+                                 "the fit's validation split among attention and cf-weighted; mean for pca); "
+                                 "attention is learned and needs --align=contrastive")
         parser.add_argument("--fusion_weights", default="",
                             help="For --fusion=weighted: MODALITY:WEIGHT,... (renormalised over present ones)")
         parser.add_argument("--collaborative", default="true", choices=("true", "false"),
-                            help="Learn the collaborative modality 'cf' from interactions (contrastive only)")
-        parser.add_argument("--cf_vectors", default="learned", choices=("learned", "ease"),
-                            help="How 'cf' item vectors are made: learned with the heads, or ease: in closed form "
-                                 "from the interactions (EASE, at most 20,000 items), held fixed while the heads learn")
-        parser.add_argument("--cf_beta", type=float, default=0.75,
-                            help="For --cf_vectors=ease: how far an item's popularity tilts its vector, in [0, 1) "
-                                 "(chosen on MovieLens validation: 0.75 at --dim=64, 0.5 at 256)")
+                            help="Add the collaborative modality 'cf', in closed form from the interactions "
+                                 "(contrastive only)")
+        parser.add_argument("--cf_beta", type=float, default=None,
+                            help="How far an item's popularity tilts its cf vector, in [0, 1) (default: chosen on "
+                                 "the fit's validation split among 0.25, 0.5, 0.75)")
+        parser.add_argument("--cf_anchors", type=int, default=ANCHORS,
+                            help="Most interacted items whose cf vectors come from EASE directly (dense: about "
+                                 "12 x N^2 bytes); other items with interactions are folded in")
+        parser.add_argument("--fit_events", type=int, default=1_000_000,
+                            help="The fit trains on the newest this many interactions")
+        parser.add_argument("--fit_items", type=int, default=100_000,
+                            help="Most items the fit holds: those its interactions touch most, then a seeded "
+                                 "sample of the others; every item still gets a vector")
+        parser.add_argument("--fit_minutes", type=float, default=10.0,
+                            help="Training time of the fit (the validation fit and the refit together); epochs stop "
+                                 "early past it")
         parser.add_argument("--align_epochs", type=int, default=40, help="Most training epochs (early stopping)")
         parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice in fitting")
         parser.add_argument("--refit", default="always", choices=tuple(REFIT_DAYS),
@@ -77,9 +97,9 @@ def settings(options: PipelineOptions):
     """(kind, models.align.AlignConfig) from the options; raises ContractError for impossible combinations."""
     from models import align as learned
     o = options.view_as(AlignOptions)
-    fusion = o.fusion or ("attention" if o.align == "contrastive" else "mean")
-    if fusion == "attention" and o.align != "contrastive":
-        raise ContractError("--fusion=attention is learned: it needs --align=contrastive")
+    fusion = o.fusion or ("auto" if o.align == "contrastive" else "mean")
+    if fusion in ("attention", "auto") and o.align != "contrastive":
+        raise ContractError(f"--fusion={fusion} is learned: it needs --align=contrastive")
     weights = {}
     for part in filter(None, (p.strip() for p in o.fusion_weights.split(","))):
         name, _, value = part.partition(":")
@@ -89,29 +109,35 @@ def settings(options: PipelineOptions):
             raise ContractError(f"--fusion_weights: expected MODALITY:NUMBER items, got {part!r}") from None
     if fusion == "weighted" and not weights:
         raise ContractError("--fusion=weighted needs --fusion_weights")
-    if not 0.0 <= o.cf_beta < 1.0:
+    if o.cf_beta is not None and not 0.0 <= o.cf_beta < 1.0:
         raise ContractError(f"--cf_beta must be in [0, 1), got {o.cf_beta}")
     if o.dim < 2:
         raise ContractError(f"--dim must be at least 2, got {o.dim}")
+    for name in ("fit_events", "fit_items", "cf_anchors", "fit_minutes"):
+        if getattr(o, name) <= 0:
+            raise ContractError(f"--{name} must be positive, got {getattr(o, name)}")
     return o.align, learned.AlignConfig(dim=o.dim, fusion=fusion, fusion_weights=weights,
                                         collaborative=o.collaborative == "true" and o.align == "contrastive",
-                                        cf_vectors=o.cf_vectors, cf_beta=o.cf_beta,
-                                        epochs=o.align_epochs, seed=o.seed)
+                                        cf_beta=o.cf_beta, cf_anchors=o.cf_anchors, epochs=o.align_epochs,
+                                        max_seconds=60.0 * o.fit_minutes, seed=o.seed)
 
 
 def _catalog(rows: Sequence[dict], dims: dict[str, int]):
-    """Embeddings rows (any order) -> a models.align.Catalog in item_id order, NaN rows for absent modalities."""
+    """Embeddings rows (any order) -> a models.align.Catalog in item_id order, NaN rows for absent modalities
+    (``cf`` too, where a row carries a folded-in cf vector)."""
     from models import align as learned
     rows = sorted(rows, key=lambda r: r["item_id"])
+    if any(r.get(learned.CF) is not None for r in rows):
+        dims = {**dims, learned.CF: next(len(r[learned.CF]) for r in rows if r.get(learned.CF) is not None)}
     features = {m: np.array([r[m] if r.get(m) is not None else [np.nan] * d for r in rows], np.float32)
                 for m, d in dims.items()}
     return learned.Catalog(np.array([r["item_id"] for r in rows], dtype=str), features)
 
 
 def _compact(row: dict, modalities: Sequence[str]) -> dict:
-    """The fields a fit reads, vectors as float32 arrays: the whole catalog becomes one side input, and as
-    lists of Python floats it is millions of objects to pickle and for a runner to size (the in-process
-    runner's state cache walks every side input it loads: 27 s of a MovieLens night)."""
+    """The fields a fit reads, vectors as float32 arrays: the fit's items become one side input, and as
+    lists of Python floats they are millions of objects to pickle and for a runner to size (the in-process
+    runner's state cache walks every side input it loads)."""
     return {"item_id": row["item_id"],
             **{m: np.asarray(row[m], np.float32) for m in modalities if row.get(m) is not None}}
 
@@ -139,22 +165,28 @@ def _fetch(folder: str) -> str:
 
 
 def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modalities: Sequence[str], config) -> str:
-    """Fit on the whole catalog and its interactions (the last 10% of each user's for early stopping);
-    save to ``folder``. Inputs are sorted first, so the fit does not depend on their arrival order."""
+    """Fit on the sample's items and the sample's interactions on them (the last 10% of each user's for the
+    choices made on validation); save to ``folder``. Inputs are sorted first, so the fit does not depend on
+    their arrival order. What it holds: the rows and events given (bounded by the caps), their arrays, EASE
+    over at most ``config.cf_anchors`` items, and the model."""
     from models import align as learned
+    start = time.monotonic()
     dims = {m: next(len(r[m]) for r in rows if r.get(m) is not None)
             for m in modalities if any(r.get(m) is not None for r in rows)}
     catalog = _catalog(rows, dims)
-    events = sorted(events)
-    users, user = np.unique([e[0] for e in events], return_inverse=True)
     index = {item: i for i, item in enumerate(catalog.item_ids)}
-    inter = ev.Interactions(user=user.astype(np.int64), item=np.array([index[e[1]] for e in events], np.int64),
-                            timestamp=np.array([e[2] for e in events], np.int64),
+    events = sorted(e for e in events if e[2] in index)
+    users, user = np.unique([e[1] for e in events], return_inverse=True)
+    inter = ev.Interactions(user=user.astype(np.int64), item=np.array([index[e[2]] for e in events], np.int64),
+                            timestamp=np.array([e[0] for e in events], np.int64),
                             weight=np.ones(len(events), np.float32), user_ids=users, item_ids=catalog.item_ids)
+    del rows, events
     fit, val = ev.validation_split(inter)
     arrays = lambda x: (x.user, x.item, x.timestamp)
     local = tempfile.mkdtemp(prefix="mmfuse-alignment-")
     aligner = learned.fit_and_refit(catalog, arrays(fit), arrays(val), config, log_dir=os.path.join(local, "logs"))
+    aligner.metrics["fit"] = {"events": len(inter), "users": len(users), "items": len(catalog.item_ids),
+                              "epochs": aligner.metrics["epochs"], "seconds": round(time.monotonic() - start, 1)}
     aligner.save(local)
     return _publish(local, folder)
 
@@ -236,16 +268,19 @@ def artifact(job: Job, options: PipelineOptions, rows, interactions, modalities:
                   | "AllFitted" >> beam.combiners.ToList()
                   | "WriteConfig" >> beam.Map(lambda _: _pca_config(folder, dims, meta)))
     else:
-        catalog = (rows
-                   | "CompactRows" >> beam.Map(_compact, list(modalities))
-                   | "CatalogList" >> beam.combiners.ToList())
+        o = options.view_as(AlignOptions)
         events = (interactions
-                  | "Events" >> beam.Map(lambda e: (e["user_id"], e["item_id"], e["timestamp"]))
-                  | "EventList" >> beam.combiners.ToList())
+                  | "Events" >> beam.Map(lambda e: (e["timestamp"], e["user_id"], e["item_id"]))
+                  | "FitEvents" >> NewestEvents(o.fit_events))
+        sample = (rows
+                  | "CompactRows" >> beam.Map(_compact, list(modalities))
+                  | "FitItems" >> FitItems(events, o.fit_items, o.seed))
+        accelerator = options.view_as(EncodeOptions).encode_accelerator
+        fit = beam.Map(fit_contrastive, beam.pvalue.AsSingleton(sample), beam.pvalue.AsSingleton(events),
+                       list(modalities), config)
         fitted = (job.pipeline
                   | "Folder" >> beam.Create([folder])
-                  | "FitContrastive" >> beam.Map(fit_contrastive, beam.pvalue.AsSingleton(catalog),
-                                                 beam.pvalue.AsSingleton(events), list(modalities), config))
+                  | "FitContrastive" >> (fit.with_resource_hints(accelerator=accelerator) if accelerator else fit))
     run_date = job.run.run_date
     return fitted | "Stamp" >> beam.Map(_stamp, run_date)
 
@@ -257,11 +292,29 @@ def _pca_config(folder: str, dims: dict[str, int], config: dict) -> str:
     return _publish(local, folder)
 
 
+def _load_cf(folder: str) -> CfTable | None:
+    """The artifact's cf table; None for an artifact fitted without one (a reused one, say)."""
+    local = _fetch(folder)
+    return CfTable.load(local) if os.path.exists(os.path.join(local, TABLE_FILE)) else None
+
+
+def with_folded_cf(rows, interactions, folder):
+    """Rows with a ``cf`` field for items with interactions outside the fitted cf table (None elsewhere)."""
+    pairs = interactions | "UserItem" >> beam.Map(lambda e: (e["user_id"], e["item_id"]))
+    folded = pairs | "FoldIn" >> FoldIn(folder, _load_cf)
+    keyed = rows | "ByItem" >> beam.Map(lambda r: (r["item_id"], r))
+    return ({"row": keyed, "cf": folded} | "JoinCf" >> beam.CoGroupByKey()
+            | "WithCf" >> beam.FlatMap(lambda kv: ({**row, "cf": next(iter(kv[1]["cf"]), None)}
+                                                   for row in kv[1]["row"])))
+
+
 def align(job: Job, options: PipelineOptions, rows, interactions, modalities: Sequence[str]):
     """Items (fused vectors, weights, parts) from embeddings rows; writes ``items`` and the artifact."""
     folder = artifact(job, options, rows, interactions, modalities)
     job.wait_for(folder)
-    usable, dead = rows | "HasModality" >> beam.FlatMap(_has_modality, list(modalities)).with_outputs(DEAD, main="ok")
+    _, config = settings(options)
+    inputs = with_folded_cf(rows, interactions, folder) if config.collaborative else rows
+    usable, dead = inputs | "HasModality" >> beam.FlatMap(_has_modality, list(modalities)).with_outputs(DEAD, main="ok")
     metadata = folder | "Metadata" >> beam.Map(lambda path: ModelMetadata(model_id=path, model_name=ARTIFACT))
     fused = usable | "Fuse" >> RunInference(AlignHandler(), model_metadata_pcoll=metadata)
     items, unaligned = fused | "Aligned" >> beam.FlatMap(_aligned).with_outputs(DEAD, main="ok")

@@ -128,3 +128,28 @@ def test_pca_alignment_matches_numpy():
         # Components are defined up to sign: compare item-item cosines, which do not depend on it.
         assert np.allclose(out["aligned"][ok, j] @ out["aligned"][ok, j].T, y @ y.T, atol=1e-3)
     _check_items(out, out["mask"] > 0)
+
+
+def test_choices_are_made_on_validation_and_saved(tmp_path):
+    catalog, train, val = _data()
+    fitted = align.fit_and_refit(catalog, train, val, SMALL)
+    chosen = fitted.metrics["chosen_on_validation"]
+    best = lambda figures: max(figures, key=lambda name: figures[name]["ndcg@20"])  # noqa: E731
+    assert sorted(chosen["cf_beta"]) == sorted(str(b) for b in align.CF_BETAS)
+    assert fitted.config.cf_beta == float(best(chosen["cf_beta"]))
+    assert sorted(chosen["fusion"]) == sorted(["attention", *(f"weighted cf {w}" for w in align.CF_WEIGHTS)])
+    if best(chosen["fusion"]) == "attention":
+        assert fitted.config.fusion == fitted.model.fusion == "attention"
+    else:
+        weights = fitted.config.fusion_weights
+        assert fitted.model.fusion == "weighted" and f"weighted cf {weights[align.CF]}" == best(chosen["fusion"])
+        assert np.isclose(sum(weights.values()), 1.0) and set(weights) == set(fitted.modalities)
+    fitted.save(tmp_path)
+    assert align.load(tmp_path).config == fitted.config  # the choices travel with the artifact
+
+
+def test_training_time_is_bounded():
+    catalog, train, val = _data()
+    fitted = align.fit(catalog, train, val, dataclasses.replace(SMALL, epochs=40, patience=40, max_seconds=1e-3))
+    assert fitted.metrics["stopped_by_time"] and len(fitted.metrics["loss"]) == 1
+    assert not align.fit(catalog, train, val, SMALL).metrics["stopped_by_time"]

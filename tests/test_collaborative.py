@@ -52,9 +52,7 @@ def test_history_scores_are_the_symmetric_ease_weights_at_full_rank():
     assert np.allclose(matrix @ x @ x.T, matrix @ (positive / np.outer(norms, norms)), atol=1e-4)
 
 
-def test_too_many_items_or_a_bad_dim_is_refused_and_a_small_catalogue_is_padded():
-    with pytest.raises(ValueError, match="learned cf"):
-        collaborative.ease_vectors(np.zeros(1, int), np.zeros(1, int), collaborative.MAX_ITEMS + 1, 8)
+def test_a_bad_dim_is_refused_and_a_small_catalogue_is_padded():
     with pytest.raises(ValueError, match="dim"):
         collaborative.ease_vectors(np.zeros(1, int), np.zeros(1, int), 3, 1)
     users, items = _two_groups()
@@ -64,29 +62,66 @@ def test_too_many_items_or_a_bad_dim_is_refused_and_a_small_catalogue_is_padded(
     assert np.array_equal(small[:, :20], full[:, :20]) and not small[:, 20:31].any()
 
 
-def test_alignment_keeps_the_closed_form_vectors_fixed(tmp_path):
+def test_items_beyond_the_anchors_are_folded_in_by_ridge_regression():
+    users, items = _two_groups(2)
+    factors = collaborative.Factors(users, items, 22, dim=6, anchors=8)  # items 20, 21: no interactions
+    vectors, solver = factors.table(beta=0.5)
+    counts = np.bincount(items, minlength=22)
+    assert len(factors.anchors) == 8 and set(factors.anchors) <= set(np.argsort(-counts, kind="stable")[:8])
+    assert np.isnan(vectors[20:]).all() and np.isfinite(vectors[:20]).all()
+    anchors = np.zeros((40, 22))
+    anchors[users, items] = 1.0
+    taken = anchors.copy()
+    anchors[:, np.setdiff1d(np.arange(22), factors.anchors)] = 0.0
+    expected_anchors = collaborative.ease_vectors(*np.nonzero(anchors[:, factors.anchors]), 8, dim=6, beta=0.5)
+    assert np.allclose(vectors[factors.anchors], expected_anchors, atol=1e-5)
+    u = anchors[:, factors.anchors] @ vectors[factors.anchors]  # each user's summed anchor vectors
+    x = (taken[:, factors.rest].T @ u) @ np.linalg.inv(u.T @ u + collaborative.FOLD_L2 * np.eye(6)).T
+    assert np.allclose(vectors[factors.rest], x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-5)
+    assert np.allclose(solver, np.linalg.inv(u.T @ u + collaborative.FOLD_L2 * np.eye(6)), rtol=1e-4)
+    # Folded-in items still sit with their group.
+    same = [j for j in factors.rest if j < 10]
+    if same:
+        assert (vectors[same] @ vectors[factors.anchors[factors.anchors < 10]].mean(0)
+                > vectors[same] @ vectors[factors.anchors[factors.anchors >= 10]].mean(0)).all()
+
+
+def test_alignment_keeps_the_closed_form_vectors_fixed_and_saves_them(tmp_path):
     catalog, train, val = _data()
-    config = dataclasses.replace(SMALL, cf_vectors="ease", cf_beta=0.6)
+    config = dataclasses.replace(SMALL, cf_beta=0.6)
     fitted = align.fit(catalog, train, val, config)
-    cf_items = np.unique(train[1])
-    expected = collaborative.ease_vectors(train[0], np.searchsorted(cf_items, train[1]), len(cf_items), SMALL.dim,
-                                          beta=0.6)
+    expected, _ = collaborative.Factors(train[0], train[1], len(catalog.item_ids), SMALL.dim).table(0.6)
     out = fitted.apply(catalog.item_ids, catalog.features)
     j = fitted.modalities.index(align.CF)
-    assert np.allclose(out["aligned"][cf_items, j], expected, atol=1e-6)
+    cf_items = np.unique(train[1])
+    assert np.allclose(out["aligned"][cf_items, j], expected[cf_items], atol=1e-6)
     assert not out["mask"][np.setdiff1d(np.arange(len(catalog.item_ids)), cf_items), j].any()
-    fitted.save(tmp_path / "alignment")  # the frozen table is saved and applies as fitted
+    fitted.save(tmp_path / "alignment")  # the table is saved beside the model and applies as fitted
+    assert sorted(p.name for p in (tmp_path / "alignment").iterdir()) == [
+        "alignment.json", "alignment.keras", "cf.parquet", "cf_solver.npy"]
+    assert "cf_items" not in (tmp_path / "alignment" / "alignment.json").read_text()
     again = align.load(tmp_path / "alignment").apply(catalog.item_ids, catalog.features)
     assert np.allclose(again["fused"], out["fused"], atol=1e-6) and again["weights"].shape == out["weights"].shape
+    # A folded-in cf vector given with an item the table does not hold is used; the table's own win.
+    given = np.tile(expected[cf_items[:1]], (len(catalog.item_ids), 1))
+    with_given = fitted.apply(catalog.item_ids, {**catalog.features, align.CF: given})
+    assert with_given["mask"][:, j].all()
+    assert np.allclose(with_given["aligned"][cf_items, j], expected[cf_items], atol=1e-6)
 
 
-def test_pipeline_options_choose_closed_form_vectors():
+def test_pipeline_options_set_the_caps_and_leave_choices_to_validation():
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines.align import settings
     from transforms.contract import ContractError
-    kind, config = settings(PipelineOptions(["--cf_vectors=ease", "--cf_beta=0.5", "--dim=32"]))
-    assert (kind, config.cf_vectors, config.cf_beta, config.dim) == ("contrastive", "ease", 0.5, 32)
-    assert settings(PipelineOptions([]))[1].cf_vectors == "learned"
+    kind, config = settings(PipelineOptions(["--cf_beta=0.5", "--dim=32", "--fit_minutes=2", "--cf_anchors=500"]))
+    assert (kind, config.cf_beta, config.dim, config.max_seconds, config.cf_anchors) == (
+        "contrastive", 0.5, 32, 120.0, 500)
+    default = settings(PipelineOptions([]))[1]
+    assert (default.cf_beta, default.fusion, default.collaborative) == (None, "auto", True)
     with pytest.raises(ContractError, match="cf_beta"):
-        settings(PipelineOptions(["--cf_vectors=ease", "--cf_beta=1.5"]))
+        settings(PipelineOptions(["--cf_beta=1.5"]))
+    with pytest.raises(ContractError, match="fit_events"):
+        settings(PipelineOptions(["--fit_events=0"]))
+    with pytest.raises(ContractError, match="needs --align=contrastive"):
+        settings(PipelineOptions(["--align=pca", "--fusion=auto"]))

@@ -1,4 +1,5 @@
 """End to end on the generated demo data: runners agree, and a killed run is never taken as complete."""
+import json
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines import nightly
@@ -84,3 +86,21 @@ def test_killed_run_leaves_no_success_and_rerun_replaces_it(demo, tmp_path):
     assert not (run_dir / "embeddings" / "part-99999-of-99999.parquet").exists()
     assert len(dataset(run_dir, "embeddings")) == 120
     assert list((out / "_staging").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_capped_fit_folds_in_every_other_item_with_interactions(demo, tmp_path):
+    """A fit capped far below the demo catalog: the sample respects the caps, the artifact holds no id list,
+    and every item with interactions still gets a cf vector (folded in where the fit did not see it)."""
+    assert nightly.main(nightly_args(demo, tmp_path, "--fit_events=300", "--fit_items=40")) == 0
+    run = tmp_path / RUN_DATE
+    meta = json.loads((run / "alignment" / "alignment.json").read_text())
+    assert meta["metrics"]["fit"]["events"] <= 300 and meta["metrics"]["fit"]["items"] <= 40
+    assert "cf_items" not in meta
+    table = pq.read_table(run / "alignment" / "cf.parquet")
+    assert table.num_rows <= 40
+    taken = set(pq.read_table(demo["interactions"], columns=["item_id"])["item_id"].to_pylist())
+    items = {r["item_id"]: r for r in dataset(run, "items").to_pylist()}
+    with_cf = {i for i, r in items.items() if "cf" in dict(r["weights"])}
+    assert with_cf == taken & set(items)
+    assert len(with_cf - set(table["item_id"].to_pylist())) > 40  # most came from the fold-in
