@@ -30,6 +30,7 @@ from models import evaluation as ev
 CF = "cf"  # name of the collaborative modality
 _ANCHORS = collaborative.ANCHORS  # the config's field "collaborative" hides the module inside the class body
 MODEL_FILE, CONFIG_FILE = "alignment.keras", "alignment.json"
+FORMAT = 2  # artifacts of another format are refitted, never reused (format 1 held a learned cf table)
 PAD_ITEMS = 256
 KIND = "contrastive"
 
@@ -247,7 +248,8 @@ class Aligner:
         clean.save(folder / MODEL_FILE)
         if self.cf is not None:
             self.cf.save(folder)
-        (folder / CONFIG_FILE).write_text(json.dumps({"kind": KIND, "config": dataclasses.asdict(self.config),
+        (folder / CONFIG_FILE).write_text(json.dumps({"kind": KIND, "format": FORMAT,
+                                                      "config": dataclasses.asdict(self.config),
                                                       "modalities": self.modalities, "metrics": self.metrics},
                                                      indent=1))
 
@@ -481,8 +483,10 @@ def fit_and_refit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndar
         half = dataclasses.replace(half, fusion="attention" if best == "attention" else "weighted",
                                    fusion_weights=candidates[best] or {})
     final = fit(catalog, both, None, dataclasses.replace(half, epochs=epochs))
-    final.config = dataclasses.replace(half, max_seconds=config.max_seconds, epochs=config.epochs)
-    final.metrics = {"epochs": epochs, "best_val_loss": float(min(probe.metrics["val_loss"])),
+    final.config = dataclasses.replace(half, max_seconds=config.max_seconds, epochs=config.epochs,
+                                       fusion=half.fusion if half.fusion != "auto" else final.model.fusion)
+    final.metrics = {"epochs": len(final.metrics["loss"]), "epochs_chosen": epochs,
+                     "best_val_loss": float(min(probe.metrics["val_loss"])),
                      "stopped_by_time": probe.metrics["stopped_by_time"] or final.metrics["stopped_by_time"],
                      "chosen_on_validation": chosen, "probe": probe.metrics, "loss": final.metrics["loss"]}
     return final

@@ -51,7 +51,7 @@ ITEMS_SCHEMA = pa.schema([("item_id", pa.string()), ("vector", pa.list_(pa.float
 ARTIFACT = "alignment"
 REFIT_DAYS = {"always": 0, "weekly": 7, "never": None}
 FUSIONS = ("mean", "weighted", "attention")
-CONFIG_FILE = "alignment.json"  # models.align.CONFIG_FILE
+CONFIG_FILE, FORMAT = "alignment.json", 2  # models.align.CONFIG_FILE, models.align.FORMAT
 
 
 class AlignOptions(PipelineOptions):
@@ -220,8 +220,8 @@ class AlignHandler(ModelHandler[dict, dict, Any]):
 
 
 def _reusable(previous: str | None, max_age_days: int | None, run_date: str, kind: str) -> str | None:
-    """The previous run's artifact folder when it may be reused: same kind, and younger than ``max_age_days``
-    (None: any age; 0: never reuse)."""
+    """The previous run's artifact folder when it may be reused: same kind and format, and younger than
+    ``max_age_days`` (None: any age; 0: never reuse)."""
     if previous is None or max_age_days == 0:
         return None
     meta_path = posixpath.join(previous, ARTIFACT, CONFIG_FILE)
@@ -230,8 +230,9 @@ def _reusable(previous: str | None, max_age_days: int | None, run_date: str, kin
     with FileSystems.open(meta_path) as f:
         meta = json.load(f)
     fitted = dt.date.fromisoformat(meta.get("fitted_on", "1970-01-01"))
-    if meta["kind"] != kind or (max_age_days is not None
-                                and (dt.date.fromisoformat(run_date) - fitted).days >= max_age_days):
+    outdated = meta["kind"] == "contrastive" and meta.get("format") != FORMAT
+    if meta["kind"] != kind or outdated or (max_age_days is not None
+                                            and (dt.date.fromisoformat(run_date) - fitted).days >= max_age_days):
         return None
     return posixpath.join(previous, ARTIFACT)
 

@@ -92,15 +92,21 @@ def test_killed_run_leaves_no_success_and_rerun_replaces_it(demo, tmp_path):
 def test_capped_fit_folds_in_every_other_item_with_interactions(demo, tmp_path):
     """A fit capped far below the demo catalog: the sample respects the caps, the artifact holds no id list,
     and every item with interactions still gets a cf vector (folded in where the fit did not see it)."""
-    assert nightly.main(nightly_args(demo, tmp_path, "--fit_events=300", "--fit_items=40")) == 0
+    assert nightly.main(nightly_args(demo, tmp_path, "--fit_events=300", "--fit_items=40",
+                                           "--cf_anchors=10")) == 0
     run = tmp_path / RUN_DATE
     meta = json.loads((run / "alignment" / "alignment.json").read_text())
     assert meta["metrics"]["fit"]["events"] <= 300 and meta["metrics"]["fit"]["items"] <= 40
     assert "cf_items" not in meta
     table = pq.read_table(run / "alignment" / "cf.parquet")
     assert table.num_rows <= 40
-    taken = set(pq.read_table(demo["interactions"], columns=["item_id"])["item_id"].to_pylist())
+    events = pq.read_table(demo["interactions"], columns=["user_id", "item_id"]).to_pylist()
+    anchors = set(table.filter(table["anchor"])["item_id"].to_pylist())
+    anchored_users = {e["user_id"] for e in events if e["item_id"] in anchors}
+    # A cf vector: the table's, or folded in from users who took at least one anchor.
+    expected = set(table["item_id"].to_pylist()) | {e["item_id"] for e in events if e["user_id"] in anchored_users}
     items = {r["item_id"]: r for r in dataset(run, "items").to_pylist()}
     with_cf = {i for i, r in items.items() if "cf" in dict(r["weights"])}
-    assert with_cf == taken & set(items)
+    assert with_cf == expected & set(items)
     assert len(with_cf - set(table["item_id"].to_pylist())) > 40  # most came from the fold-in
+    assert 0 < len(anchors) <= 10 < table.num_rows  # the fit folded in items beyond its anchors too

@@ -28,7 +28,7 @@ def _cutoff(quantiles: list, total: int, n: int):
     if total <= n or not quantiles:
         return None
     step = int((1.0 - n / total) * (len(quantiles) - 1))  # rounded down: keeps a little more than n
-    return quantiles[max(step - 1, 0)]
+    return quantiles[max(step - 2, 0)]  # two quantiles back: more than the combiner's rank error (1 / QUANTILES)
 
 
 class NewestEvents(beam.PTransform):
