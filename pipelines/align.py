@@ -34,7 +34,7 @@ from apache_beam.ml.inference.base import ModelHandler, ModelMetadata, RunInfere
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models import evaluation as ev
-from models.collaborative import ANCHORS, TABLE_FILE, CfTable
+from models.collaborative import ANCHORS, SOLVER_FILE, TABLE_FILE, CfTable
 from pipelines.job import Job
 from pipelines.options import EncodeOptions
 from transforms.contract import ContractError
@@ -153,10 +153,13 @@ def _publish(local: str, folder: str) -> str:
     return folder
 
 
-def _fetch(folder: str) -> str:
-    """A local copy of an artifact folder (Keras and tf.Transform load from local paths)."""
+def _fetch(folder: str, names: Sequence[str] | None = None) -> str:
+    """A local copy of an artifact folder, or of its top-level files ``names`` only (Keras and tf.Transform
+    load from local paths)."""
     local = tempfile.mkdtemp(prefix="mmfuse-alignment-")
     for m in FileSystems.match([posixpath.join(folder, "**")])[0].metadata_list:
+        if names is not None and posixpath.relpath(m.path, folder) not in names:
+            continue
         target = posixpath.join(local, posixpath.relpath(m.path, folder))
         os.makedirs(posixpath.dirname(target), exist_ok=True)
         with FileSystems.open(m.path) as src, open(target, "wb") as dst:
@@ -294,8 +297,9 @@ def _pca_config(folder: str, dims: dict[str, int], config: dict) -> str:
 
 
 def _load_cf(folder: str) -> CfTable | None:
-    """The artifact's cf table; None for an artifact fitted without one (a reused one, say)."""
-    local = _fetch(folder)
+    """The artifact's cf table; None for an artifact fitted without one. Fetches the table's two files only:
+    every fold-in worker loads it."""
+    local = _fetch(folder, (TABLE_FILE, SOLVER_FILE))
     return CfTable.load(local) if os.path.exists(os.path.join(local, TABLE_FILE)) else None
 
 
