@@ -167,12 +167,27 @@ def _role(pid: int, root: int, cmd: str) -> str:
     return "worker" if "sdk_worker_main" in cmd and "python" in cmd.split(" ", 1)[0] else "other"
 
 
-def run_nightly(cmd: list[str], log: Path) -> dict:
-    """Run the job, sampling the RSS of its process tree until it exits; wall time, exit code and peaks.
+DATASETS = ("embeddings", "alignment", "items", "users", "recommendations", "similar_items", "dead_letter")
+
+
+def _first_seen(output: Path, seen: dict, now: float) -> None:
+    """Record when each dataset's first file appears in the run's staging folder (a writer opens a file when
+    its first record arrives, so the stage that makes the dataset is producing): a coarse stage timeline."""
+    for parent, _, files in os.walk(output):
+        if files:
+            for name in Path(parent).relative_to(output).parts:
+                if name in DATASETS:
+                    seen.setdefault(name, round(now))
+
+
+def run_nightly(cmd: list[str], log: Path, output: Path) -> dict:
+    """Run the job, sampling the RSS of its process tree until it exits; wall time, exit code, peaks, and
+    when each dataset's first file appeared (seconds from the start).
 
     ``kernel_max_rss_mib`` is the kernel's exact peak of the largest single process among the driver and
     the descendants it waited for (wait4), which catches spikes shorter than the sampling interval."""
     peaks: dict[int, dict] = {}
+    started: dict[str, int] = {}
     tree_peak = 0.0
     with open(log, "wb") as out:
         start = time.perf_counter()
@@ -193,6 +208,7 @@ def run_nightly(cmd: list[str], log: Path) -> dict:
                                             "peak_mib": 0.0})
                 seen["peak_mib"] = max(seen["peak_mib"], rss)
             tree_peak = max(tree_peak, total)
+            _first_seen(output, started, time.perf_counter() - start)
             time.sleep(SAMPLE_S)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -200,7 +216,7 @@ def run_nightly(cmd: list[str], log: Path) -> dict:
     return {"exit_code": proc.returncode, "wall_seconds": wall, "tree_peak_mib": tree_peak,
             "driver_peak_mib": max((p["peak_mib"] for p in peaks.values() if p["role"] == "driver"), default=0.0),
             "worker_peak_mib": max(workers, default=None), "workers": len(workers),
-            "kernel_max_rss_mib": usage.ru_maxrss / 1024,
+            "kernel_max_rss_mib": usage.ru_maxrss / 1024, "first_file_s": started,
             "processes": {str(pid): p for pid, p in peaks.items()}}
 
 
@@ -219,7 +235,7 @@ def measure(a, n_items: int) -> dict:
            *([] if a.text else ["--text_columns="]), *shlex.split(a.extra)]
     print(f"{n_items:,} items: {shlex.join(cmd)}", flush=True)
     log = a.work / f"nightly-{n_items}.log"
-    result = {"data": made, "command": shlex.join(cmd), "log": str(log), **run_nightly(cmd, log)}
+    result = {"data": made, "command": shlex.join(cmd), "log": str(log), **run_nightly(cmd, log, output)}
     run = output / RUN_DATE
     if result["exit_code"] or not (run / "_SUCCESS").exists():
         result["failure"] = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-15:]
@@ -255,6 +271,13 @@ def markdown(report: dict) -> str:
         lines.append(f"{head} {_n(fit.get('seconds'), ',.1f')} | {_n(fit.get('events'))} / {_n(fit.get('items'))} | "
                      f"{r['artifact_bytes'] / 2**20:,.1f} | {r['driver_peak_mib']:,.0f} | {_n(r['worker_peak_mib'])} | "
                      f"{r['tree_peak_mib']:,.0f} |")
+    lines += ["", "When each dataset's first file appeared, in seconds from the start (a coarse timeline of the "
+              "stages; sampled with the memory):", "",
+              "| items | " + " | ".join(DATASETS) + " | end |", "|--:|" + "--:|" * (len(DATASETS) + 1)]
+    for r in report["runs"]:
+        started = r.get("first_file_s", {})
+        lines.append(f"| {r['data']['items']:,} | " + " | ".join(_n(started.get(d)) for d in DATASETS)
+                     + f" | {r['wall_seconds']:,.0f} |")
     lines += ["", "## Columns", "",
               "- items, users, events: the generated data set (N items, N/5 users, 4N events over 180 days).",
               "- wall s: the whole `mmfuse nightly` subprocess, from start to exit, runner start-up included.",

@@ -20,14 +20,17 @@ FEATURE, OUTPUT = "x", "aligned"
 
 
 def preprocessing_fn(dim: int):
-    """tf.Transform function for one modality's (n, d) vectors -> (n, dim) unit vectors."""
+    """tf.Transform function for one modality's (n, d) vectors -> (n, dim) unit vectors. A modality of fewer
+    than ``dim`` dimensions has fewer components: its vectors are padded with zeros, as every modality's must
+    have the shared length to be fused."""
     import tensorflow as tf
     import tensorflow_transform as tft
 
     def fn(inputs):
         z = tft.scale_to_z_score(inputs[FEATURE], elementwise=True)
         basis = tft.pca(z, output_dim=dim, dtype=tf.float32)
-        return {OUTPUT: tf.math.l2_normalize(tf.matmul(z, basis), axis=-1)}
+        aligned = tf.math.l2_normalize(tf.matmul(z, basis), axis=-1)
+        return {OUTPUT: tf.pad(aligned, [[0, 0], [0, max(0, dim - int(z.shape[-1]))]])}
     return fn
 
 
@@ -45,7 +48,9 @@ class PcaAligner:
         meta = json.loads((folder / CONFIG_FILE).read_text())
         self.config, self.input_dims = meta["config"], meta["dims"]
         self.modalities = list(self.input_dims)
-        self._transforms = {m: tft.TFTransformOutput(str(folder / m)) for m in self.modalities}
+        # Loaded now, so that the folder may go once the aligner exists.
+        self._layers = {m: tft.TFTransformOutput(str(folder / m)).transform_features_layer()
+                        for m in self.modalities}
         self._logits = fixed_logits(self.modalities, self.config["fusion"], self.config["fusion_weights"])
 
     @staticmethod
@@ -60,7 +65,7 @@ class PcaAligner:
         for m in self.modalities:
             x = np.asarray(features[m], np.float32)
             ok = ~np.isnan(x).any(1)
-            out = self._transforms[m].transform_raw_features({FEATURE: tf.constant(np.nan_to_num(x))})[OUTPUT]
+            out = self._layers[m]({FEATURE: tf.constant(np.nan_to_num(x))})[OUTPUT]
             aligned.append(np.asarray(out) * ok[:, None])
             mask.append(ok)
         aligned, mask = np.stack(aligned, 1), np.stack(mask, 1).astype(np.float32)

@@ -16,6 +16,7 @@ RunInference over every item, writing ``items``:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -153,18 +154,24 @@ def _publish(local: str, folder: str) -> str:
     return folder
 
 
-def _fetch(folder: str, names: Sequence[str] | None = None) -> str:
+@contextlib.contextmanager
+def _fetched(folder: str, names: Sequence[str] | None = None):
     """A local copy of an artifact folder, or of its top-level files ``names`` only (Keras and tf.Transform
-    load from local paths)."""
-    local = tempfile.mkdtemp(prefix="mmfuse-alignment-")
-    for m in FileSystems.match([posixpath.join(folder, "**")])[0].metadata_list:
-        if names is not None and posixpath.relpath(m.path, folder) not in names:
-            continue
-        target = posixpath.join(local, posixpath.relpath(m.path, folder))
-        os.makedirs(posixpath.dirname(target), exist_ok=True)
-        with FileSystems.open(m.path) as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    return local
+    load from local paths), removed on exit."""
+    with tempfile.TemporaryDirectory(prefix="mmfuse-alignment-") as local:
+        for m in FileSystems.match([posixpath.join(folder, "**")])[0].metadata_list:
+            if names is not None and posixpath.relpath(m.path, folder) not in names:
+                continue
+            target = posixpath.join(local, posixpath.relpath(m.path, folder))
+            os.makedirs(posixpath.dirname(target), exist_ok=True)
+            with FileSystems.open(m.path) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        yield local
+
+
+def _copy_artifact(source: str, folder: str) -> str:
+    with _fetched(source) as local:
+        return _publish(local, folder)
 
 
 def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modalities: Sequence[str], config) -> str:
@@ -186,12 +193,14 @@ def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modaliti
     del rows, events
     fit, val = ev.validation_split(inter)
     arrays = lambda x: (x.user, x.item, x.timestamp)
-    local = tempfile.mkdtemp(prefix="mmfuse-alignment-")
-    aligner = learned.fit_and_refit(catalog, arrays(fit), arrays(val), config, log_dir=os.path.join(local, "logs"))
-    aligner.metrics["fit"] = {"events": len(inter), "users": len(users), "items": len(catalog.item_ids),
-                              "epochs": aligner.metrics["epochs"], "seconds": round(time.monotonic() - start, 1)}
-    aligner.save(local)
-    return _publish(local, folder)
+    with tempfile.TemporaryDirectory(prefix="mmfuse-alignment-") as local:
+        aligner = learned.fit_and_refit(catalog, arrays(fit), arrays(val), config,
+                                        log_dir=os.path.join(local, "logs"))
+        aligner.metrics["fit"] = {"events": len(inter), "users": len(users), "items": len(catalog.item_ids),
+                                  "epochs": aligner.metrics["epochs"],
+                                  "seconds": round(time.monotonic() - start, 1)}
+        aligner.save(local)
+        return _publish(local, folder)
 
 
 class AlignHandler(ModelHandler[dict, dict, Any]):
@@ -206,7 +215,8 @@ class AlignHandler(ModelHandler[dict, dict, Any]):
 
     def load_model(self):
         from models import align as learned
-        return learned.load(_fetch(self._folder))
+        with _fetched(self._folder) as local:
+            return learned.load(local)
 
     def run_inference(self, batch: Sequence[dict], model, inference_args=None) -> Iterable[dict]:
         catalog = _catalog(batch, model.input_dims)
@@ -262,7 +272,7 @@ def artifact(job: Job, options: PipelineOptions, rows, interactions, modalities:
                                "reused_from": reuse}
     if reuse:
         fitted = (job.pipeline | "PreviousAlignment" >> beam.Create([reuse])
-                  | "CopyIn" >> beam.Map(lambda src: _publish(_fetch(src), folder)))
+                  | "CopyIn" >> beam.Map(_copy_artifact, folder))
     elif kind == "pca":
         from transforms.pca import FitPca
         dims = modality_dims(options, list(modalities))
@@ -290,17 +300,17 @@ def artifact(job: Job, options: PipelineOptions, rows, interactions, modalities:
 
 
 def _pca_config(folder: str, dims: dict[str, int], config: dict) -> str:
-    local = tempfile.mkdtemp(prefix="mmfuse-alignment-")
     from models.pca import PcaAligner
-    PcaAligner.write_config(local, dims, config)
-    return _publish(local, folder)
+    with tempfile.TemporaryDirectory(prefix="mmfuse-alignment-") as local:
+        PcaAligner.write_config(local, dims, config)
+        return _publish(local, folder)
 
 
 def _load_cf(folder: str) -> CfTable | None:
     """The artifact's cf table; None for an artifact fitted without one. Fetches the table's two files only:
     every fold-in worker loads it."""
-    local = _fetch(folder, (TABLE_FILE, SOLVER_FILE))
-    return CfTable.load(local) if os.path.exists(os.path.join(local, TABLE_FILE)) else None
+    with _fetched(folder, (TABLE_FILE, SOLVER_FILE)) as local:
+        return CfTable.load(local) if os.path.exists(os.path.join(local, TABLE_FILE)) else None
 
 
 def with_folded_cf(rows, interactions, folder):
@@ -352,11 +362,11 @@ def fit_pca_local(catalog, dim: int):
     import runners
     from models import align as learned
     from transforms.pca import FitPca
-    folder = tempfile.mkdtemp(prefix="mmfuse-pca-")
     dims = {m: v.shape[1] for m, v in catalog.features.items()}
     rows = [{"item_id": str(item), **{m: None if np.isnan(v[i]).any() else v[i] for m, v in catalog.features.items()}}
             for i, item in enumerate(catalog.item_ids)]
-    with runners.create_pipeline(PipelineOptions([])) as pipeline:
-        _ = pipeline | beam.Create(rows, reshuffle=False) | FitPca(dims, dim, folder)
-    _pca_config(folder, dims, dataclasses.asdict(learned.AlignConfig(dim=dim, fusion="mean")))
-    return learned.load(folder)
+    with tempfile.TemporaryDirectory(prefix="mmfuse-pca-") as folder:
+        with runners.create_pipeline(PipelineOptions([])) as pipeline:
+            _ = pipeline | beam.Create(rows, reshuffle=False) | FitPca(dims, dim, folder)
+        _pca_config(folder, dims, dataclasses.asdict(learned.AlignConfig(dim=dim, fusion="mean")))
+        return learned.load(folder)

@@ -42,8 +42,10 @@ class Job:
         """Extra counts for the report that are not a stage, e.g. per-modality encoded/reused."""
         self._counts += count_stage(name, section, **pcolls)
 
-    def write(self, dataset: str, pcoll, schema: pa.Schema) -> None:
-        self._written.append(pcoll | f"Write {dataset}" >> WriteDataset(self.run.dataset_prefix(dataset), schema))
+    def write(self, dataset: str, pcoll, schema: pa.Schema, tables: bool = False) -> None:
+        """Write ``pcoll`` (row dicts, or Arrow tables where ``tables``) as a dataset of the run."""
+        self._written.append(pcoll | f"Write {dataset}" >> WriteDataset(self.run.dataset_prefix(dataset), schema,
+                                                                         tables))
 
     def wait_for(self, pcoll) -> None:
         """Commit only after ``pcoll`` is computed: for outputs written by a step itself (model artifacts)."""

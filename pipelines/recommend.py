@@ -15,12 +15,11 @@ seen every item, or an item alone in the catalogue, gets no rows and a dead lett
 """
 from __future__ import annotations
 
-import math
-
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import GlobalWindows
 
 from pipelines.job import Job
 from transforms import topk
@@ -105,16 +104,16 @@ def recommend(job: Job, options: PipelineOptions, items, interactions) -> None:
     _ranked_stage(job, "recommend", users | "RecommendUserIds" >> beam.Map(lambda u: u["user_id"]), all_ranked,
                   "nothing_to_recommend", "the user has seen every item that has a vector (a user without "
                   "usable history: every popular recent item)")
-    job.write("recommendations", all_ranked | "RecommendationRows" >> beam.FlatMap(_rows, "user_id", "item_id"),
-              RECOMMENDATIONS)
+    job.write("recommendations", all_ranked | "RecommendationRows" >> beam.ParDo(_RankingTables(RECOMMENDATIONS)),
+              RECOMMENDATIONS, tables=True)
 
     item_queries = items | "SimilarQueries" >> beam.Map(lambda i: (i["item_id"], i["vector"], [i["item_id"]]))
     similar = {"queries": item_queries, "items": items} | "SimilarTopK" >> topk.TopK(
         o.similar_k, o.user_batch_size, o.item_shard_size)
     _ranked_stage(job, "similar_items", items | "SimilarItemIds" >> beam.Map(lambda i: i["item_id"]), similar,
                   "no_other_items", "the catalogue has no other item with a vector")
-    job.write("similar_items", similar | "SimilarRows" >> beam.FlatMap(_rows, "item_id", "similar_item_id"),
-              SIMILAR_ITEMS)
+    job.write("similar_items", similar | "SimilarRows" >> beam.ParDo(_RankingTables(SIMILAR_ITEMS)),
+              SIMILAR_ITEMS, tables=True)
 
 
 def _ranked_stage(job: Job, stage: str, ids, ranked, error: str, message: str) -> None:
@@ -145,9 +144,52 @@ def _popular(user: dict, popular: list, k: int):
                                            (POPULARITY,), scores[:, None])
 
 
-def _rows(ranked, query_column: str, item_column: str):
-    query, r = ranked
-    for rank, (item, score, contributions) in enumerate(zip(r.item_ids.tolist(), r.scores.tolist(),
-                                                            r.contributions.tolist()), start=1):
-        yield {query_column: query, "rank": rank, item_column: item, "score": score,
-               "contributions": {m: c for m, c in zip(r.modalities, contributions) if not math.isnan(c)}}
+class _RankingTables(beam.DoFn):
+    """``(query, Ranked)`` -> Arrow tables of about ``ROWS`` rows each, built column by column in the bundle
+    that ranked them: rankings are most of a run's rows, and a dict per row cost more than the search."""
+
+    ROWS = 65_536
+
+    def __init__(self, schema: pa.Schema):
+        super().__init__()
+        self._schema = schema
+
+    def start_bundle(self):
+        self._held, self._rows = [], 0
+
+    def process(self, ranked):
+        self._held.append(ranked)
+        self._rows += len(ranked[1].scores)
+        if self._rows >= self.ROWS:
+            yield self._flush()
+
+    def finish_bundle(self):
+        if self._held:
+            yield GlobalWindows.windowed_value(self._flush())
+
+    def _flush(self) -> pa.Table:
+        held, self._held, self._rows = self._held, [], 0
+        return ranking_table(held, self._schema)
+
+
+def ranking_table(rankings: list, schema: pa.Schema) -> pa.Table:
+    """Rankings ``(query, Ranked)`` as rows of ``schema`` (query, rank, item, score, contributions); a
+    contribution map holds the modalities the item has (NaN contributions are left out)."""
+    lengths = np.array([len(r.scores) for _, r in rankings], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    modalities = sorted({m for _, r in rankings for m in r.modalities})
+    contributions = np.full((int(starts[-1]), len(modalities)), np.nan, dtype=np.float32)
+    for (_, r), lo, hi in zip(rankings, starts[:-1].tolist(), starts[1:].tolist()):
+        contributions[lo:hi, [modalities.index(m) for m in r.modalities]] = r.contributions
+    has = ~np.isnan(contributions)
+    offsets = np.zeros(len(contributions) + 1, dtype=np.int32)
+    np.cumsum(has.sum(axis=1), out=offsets[1:])
+    names = np.broadcast_to(np.array(modalities, dtype=object), contributions.shape)[has]
+    maps = pa.MapArray.from_arrays(pa.array(offsets), pa.array(names, pa.string()),
+                                   pa.array(contributions[has], pa.float32()))
+    return pa.Table.from_arrays([
+        pa.array(np.repeat(np.array([q for q, _ in rankings], dtype=object), lengths), pa.string()),
+        pa.array((np.arange(starts[-1]) - np.repeat(starts[:-1], lengths) + 1).astype(np.int32)),
+        pa.array(np.concatenate([r.item_ids for _, r in rankings]).astype(object), pa.string()),
+        pa.array(np.concatenate([r.scores for _, r in rankings]).astype(np.float32)),
+        maps.cast(schema.field(4).type)], schema=schema)

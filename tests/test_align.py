@@ -130,6 +130,16 @@ def test_pca_alignment_matches_numpy():
     _check_items(out, out["mask"] > 0)
 
 
+def test_pca_pads_a_modality_with_fewer_dimensions_than_the_shared_space():
+    catalog, _, _ = _data()  # audio has 6 dimensions, the shared space 8
+    pca = fit_pca_local(catalog, dim=8)
+    out = pca.apply(catalog.item_ids, catalog.features)
+    assert out["aligned"].shape == (len(catalog.item_ids), 3, 8) and out["fused"].shape == (len(catalog.item_ids), 8)
+    audio = out["aligned"][:, pca.modalities.index("audio")]
+    assert np.allclose(audio[:, 6:], 0) and np.allclose(np.linalg.norm(audio, axis=1), 1, atol=1e-5)
+    _check_items(out, out["mask"] > 0)
+
+
 def test_choices_are_made_on_validation_and_saved(tmp_path):
     catalog, train, val = _data()
     fitted = align.fit_and_refit(catalog, train, val, SMALL)

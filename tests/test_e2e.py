@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,11 +90,16 @@ def test_killed_run_leaves_no_success_and_rerun_replaces_it(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_capped_fit_folds_in_every_other_item_with_interactions(demo, tmp_path):
+def test_capped_fit_folds_in_every_other_item_with_interactions(demo, tmp_path, monkeypatch):
     """A fit capped far below the demo catalog: the sample respects the caps, the artifact holds no id list,
-    and every item with interactions still gets a cf vector (folded in where the fit did not see it)."""
+    every item with interactions still gets a cf vector (folded in where the fit did not see it), and the
+    artifact's local copies are gone from the temp folder."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     assert nightly.main(nightly_args(demo, tmp_path, "--fit_events=300", "--fit_items=40",
                                            "--cf_anchors=10")) == 0
+    assert not list(temp.glob("mmfuse-alignment-*"))
     run = tmp_path / RUN_DATE
     meta = json.loads((run / "alignment" / "alignment.json").read_text())
     assert meta["metrics"]["fit"]["events"] <= 300 and meta["metrics"]["fit"]["items"] <= 40
