@@ -15,7 +15,7 @@ import librosa
 import numpy as np
 import soundfile as sf
 
-from models.base import Encoder, InputError
+from models.base import Encoder, InputError, describe_bytes
 from models.weights import digest, package_file
 
 
@@ -49,7 +49,8 @@ def decode_audio(data: bytes, sr: int = 16000, max_windows: int = 10, window_s: 
         raise InputError("unsupported_format", f"expected audio bytes, got {type(data).__name__}")
     fmt = _sniff(data)
     if fmt is None:
-        raise InputError("unsupported_format", f"not WAV/AIFF/FLAC/OGG/MP3 (starts with {bytes(data[:8])!r})")
+        raise InputError("unsupported_format", f"not WAV/AIFF/FLAC/OGG/MP3 ({len(data)} bytes: "
+                                               f"{describe_bytes(data)})")
     if fmt not in sf.available_formats():
         raise InputError("unsupported_format", f"libsndfile {sf.__libsndfile_version__} cannot decode {fmt}")
     try:

@@ -21,6 +21,29 @@ class InputError(ValueError):
         self.reason = reason
 
 
+_SIGNATURES = ((b"\x89PNG", "PNG image"), (b"\xff\xd8\xff", "JPEG image"), (b"GIF8", "GIF image"),
+               (b"BM", "BMP image"), (b"II*\x00", "TIFF image"), (b"MM\x00*", "TIFF image"),
+               (b"RIFF", "RIFF container"), (b"fLaC", "FLAC audio"), (b"OggS", "Ogg container"),
+               (b"ID3", "MP3 audio"), (b"%PDF", "PDF document"), (b"PK\x03\x04", "ZIP archive"),
+               (b"\x1f\x8b", "gzip data"), (b"\x7fELF", "ELF executable"))
+
+
+def describe_bytes(data: bytes) -> str:
+    """What some bytes look like, in words, for error messages: the content itself never goes into a dead
+    letter (an unreadable "image" may be a secrets file)."""
+    head = bytes(data[:512])
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if head and text is not None and sum(c.isprintable() or c.isspace() for c in text) >= 0.95 * len(text):
+        return "text"
+    return "binary data of no known format"
+
+
 class Encoder(abc.ABC):
     """One modality's model. Subclasses load their weights once, in ``__init__``."""
 

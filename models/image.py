@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .base import Encoder, InputError
+from .base import Encoder, InputError, describe_bytes
 from .torch_pickle import load_state_dict
 from .weights import digest, package_file
 
@@ -69,7 +69,7 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
         raise InputError("image_too_large", f"image exceeds Pillow's pixel limit: {e}") from e
     except UnidentifiedImageError as e:
         what = "damaged image header" if kind == "corrupt_image" else f"not a {'/'.join(FORMATS)} image"
-        raise InputError(kind, f"{what} ({len(data)} bytes starting {data[:12]!r})") from e
+        raise InputError(kind, f"{what} ({len(data)} bytes: {describe_bytes(data)})") from e
     except Exception as e:  # Pillow fails on damaged data with many types; none may escape a worker
         raise InputError("corrupt_image", f"image ({len(data)} bytes) could not be decoded: "
                          f"{type(e).__name__}: {e}") from e

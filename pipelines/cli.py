@@ -1,6 +1,7 @@
 """``mmfuse <stage> [options]``: the console script; each stage is also ``python -m pipelines.<stage>``."""
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -15,6 +16,10 @@ STAGES = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in STAGES:
+        if argv and argv[0] not in ("-h", "--help"):
+            close = difflib.get_close_matches(argv[0], STAGES, 1)
+            print(f"mmfuse: unknown stage {argv[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                  file=sys.stderr)
         lines = "\n".join(f"  {name:10s} {what}" for name, what in STAGES.items())
         print(f"usage: mmfuse <stage> [options]   (mmfuse <stage> --help for a stage's options)\n{lines}",
               file=sys.stderr)

@@ -72,13 +72,16 @@ def encoder_factory(options: PipelineOptions, modality: str):
     return factory(modality, custom.get(modality), **settings.get(modality, {}))
 
 
-def _raw(source: str, spec: CatalogColumns, template: str):
+CHARS_PER_TOKEN = 128  # a text column is cut at --text_max_tokens times this: far more than the model reads
+
+
+def _raw(source: str, spec: CatalogColumns, template: str, max_tokens: int):
     if source == "text":
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
         if fields - set(spec.text):
             raise ContractError(f"--text_template names {sorted(fields - set(spec.text))}, which are not among "
                                 f"the --text_columns {list(spec.text)}")
-        return lambda item: embed.join_text(item["text"], spec.text, template)
+        return lambda item: embed.join_text(item["text"], spec.text, template, max_tokens * CHARS_PER_TOKEN)
     return lambda item: item[source]
 
 
@@ -117,9 +120,9 @@ def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
     for m in chosen:
         if m in MODALITIES:
             prev = before | f"Previous {m}" >> embed.PreviousVectors(m) if before is not None else None
+            raw = _raw(MODALITIES[m].source, spec, opts.text_template, opts.text_max_tokens)
             out = items | f"Encode {m}" >> embed.EncodeModality(
-                m, _raw(MODALITIES[m].source, spec, opts.text_template), encoder_factory(options, m),
-                batch.get(m, MODALITIES[m].batch_size), hints, prev)
+                m, raw, encoder_factory(options, m), batch.get(m, MODALITIES[m].batch_size), hints, prev)
             vectors = (out["encoded"], out[embed.REUSED]) | f"Vectors {m}" >> beam.Flatten()
             job.count("modalities", m, encoded=out["encoded"], reused=out[embed.REUSED], dead=out[DEAD])
             branches[m] = job.stage(f"encode:{m}", out["in"], vectors, out[DEAD])

@@ -12,7 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import options as o
 from pipelines.job import Job, run_job
-from transforms.contract import check_catalog_schema, check_interactions_schema
+from transforms.contract import ContractError, check_catalog_schema, check_interactions_schema
 from transforms.parquet import ReadRows, plan
 from transforms.validate import ValidateCatalog, ValidateInteractions
 
@@ -20,7 +20,10 @@ from transforms.validate import ValidateCatalog, ValidateInteractions
 def read_catalog(job: Job, options: PipelineOptions):
     """Valid catalog items, one per ``item_id``, as ``(item_id, item)``, and the columns the files have."""
     spec = o.catalog_columns(options)
-    work, columns = plan(options.view_as(o.RunOptions).catalog, lambda f, cols: check_catalog_schema(f, cols, spec))
+    path = options.view_as(o.RunOptions).catalog
+    work, columns = plan(path, lambda f, cols: check_catalog_schema(f, cols, spec))
+    if not work:
+        raise ContractError(f"{path}: the catalog has no rows")
     rows = job.pipeline | "ReadCatalog" >> ReadRows(work, spec.all)
     items, dead = rows | "ValidateCatalog" >> ValidateCatalog(spec)
     return job.stage(ValidateCatalog.STAGE, rows, items, dead), columns

@@ -16,7 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import runners
-from pipelines.options import RunOptions, help_text, require
+from pipelines.options import RunOptions, check_known, help_text, require
 from transforms import deadletter
 from transforms.contract import ContractError
 from transforms.counting import count_stage
@@ -59,6 +59,7 @@ class Job:
 
 def execute(build: Callable[[Job, PipelineOptions], None], argv: list[str] | None):
     """Build and run a job to the end; returns the Beam result and the run folder. Raises ContractError."""
+    check_known(argv)
     options = PipelineOptions(argv)
     require(options, "catalog", "output")
     opts = options.view_as(RunOptions)

@@ -114,7 +114,8 @@ class EncodeOptions(PipelineOptions):
                             help="Python format string over the text columns, e.g. '{title}. {description}'; "
                                  "default: the non-empty text columns joined with ' | ' (lists joined with ', ')")
         parser.add_argument("--text_max_tokens", type=int, default=256,
-                            help="Texts are truncated to this many tokens (MiniLM was trained with 256)")
+                            help="Texts are truncated to this many tokens (MiniLM was trained with 256); each "
+                                 "text column is cut at 128 characters per token before tokenising")
         parser.add_argument("--audio_max_windows", type=int, default=10,
                             help="Longer audio is cut to this many evenly spaced 3 s windows")
         parser.add_argument("--custom_encoders", default="",
@@ -139,6 +140,33 @@ def help_text(prog: str) -> str:
             continue
         group._add_argparse_args(parser.add_argument_group(group.__name__, group.__doc__.split("\n")[0]))
     return parser.format_help()
+
+
+def check_known(argv: list[str]) -> None:
+    """Refuse arguments that neither mmfuse nor Beam defines: Beam alone ignores them, so a misspelt option
+    would run with its default. Any stage's options are accepted by every stage (a scheduler may pass one
+    set to each)."""
+    import difflib
+
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    if "NightlyOptions" not in {g.__name__ for g in PipelineOptions.__subclasses__()}:
+        import pipelines.nightly  # noqa: F401 - defines every stage's options (unless it runs as __main__)
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for group in {str(g): g for g in PipelineOptions.__subclasses__()}.values():  # Beam's own rule for repeats
+        group._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(argv)
+    known = [name for action in parser._actions for name in action.option_strings]
+    problems = []
+    for arg in unknown:
+        if not arg.startswith("-"):
+            problems.append(f"unexpected argument {arg!r}")
+            continue
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name.replace("-", "_").lstrip("_"), [k.lstrip("-") for k in known], 1)
+        problems.append(f"unknown option {name}" + (f" (did you mean --{close[0]}?)" if close else ""))
+    if problems:
+        raise ContractError("; ".join(problems))
 
 
 def require(options: PipelineOptions, *names: str) -> None:

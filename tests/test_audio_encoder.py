@@ -130,3 +130,9 @@ def test_mfcc_vectors_differ_between_digits():
     assert out.shape == (2, enc.dim) == (2, 160) and out.dtype == np.float32 and np.isfinite(out).all()
     assert np.abs(out[0] - out[1]).max() > 1.0
     assert enc.identifier.startswith("mfcc-40-delta@v1")
+
+
+def test_errors_name_the_format_never_the_content():
+    with pytest.raises(InputError) as err:
+        decode_audio(b"DB_PASSWORD=hunter2\n")
+    assert "20 bytes: text" in str(err.value) and "hunter2" not in str(err.value)

@@ -113,3 +113,23 @@ def test_metrics_reconcile_and_match_beam_counters(run):
     for name, c in report["stages"].items():
         for kind in ("in", "out", "dead"):
             assert counters.get(f"stages.{name}.{kind}", 0) == c[kind], (name, kind)
+
+
+def test_a_bigquery_style_export_is_read_whole(tmp_path):
+    """INT64 ids, ISO-8601 string timestamps and a null tag: every record passes (each used to be
+    dead-lettered, and the run exited 0)."""
+    from pipelines import ingest
+    pq.write_table(pa.table({"item_id": pa.array([1, 2, 3], pa.int64()), "title": ["a", "b", "c"],
+                             "tags": pa.array([["x", None], None, ["y"]], pa.list_(pa.string()))}),
+                   tmp_path / "catalog.parquet")
+    pq.write_table(pa.table({"user_id": pa.array([10, 10, 11], pa.int64()),
+                             "item_id": pa.array([1, 2, 3], pa.int64()),
+                             "timestamp": ["2025-11-24T16:00:00Z", "2025-11-24 17:00:00",
+                                           "2025-11-25T01:00:00+02:00"]}),
+                   tmp_path / "interactions.parquet")
+    assert ingest.main([f"--catalog={tmp_path / 'catalog.parquet'}",
+                        f"--interactions={tmp_path / 'interactions.parquet'}", f"--output={tmp_path / 'out'}",
+                        f"--run_date={RUN_DATE}", "--runner=DirectRunner"]) == 0
+    stages = metrics(tmp_path / "out" / RUN_DATE)["stages"]
+    assert stages["catalog"] == {"in": 3, "out": 3, "dead": 0}
+    assert stages["interactions"] == {"in": 3, "out": 3, "dead": 0}

@@ -53,3 +53,32 @@ def test_bad_text_template_stops_with_one_line(demo, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "mmfuse encode: error: --text_template names ['plot'], which are not among the --text_columns "
         "['title', 'description', 'tags']"]
+
+
+def test_misspelt_options_and_stages_are_refused_with_a_suggestion(tmp_path):
+    """Beam alone ignores arguments it does not know: a typo would run the job with a default."""
+    proc = _run(str(ROOT / ".venv" / "bin" / "mmfuse"), "nightly", f"--catalog={tmp_path}", f"--output={tmp_path}",
+                "--top-k=10", "--modalites=text", "--runner=DirectRunner", "--direct_num_workers", "2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "mmfuse nightly: error: unknown option --top-k (did you mean --top_k?); unknown option --modalites (did "
+        "you mean --modalities?)"]
+    proc = _run(str(ROOT / ".venv" / "bin" / "mmfuse"), "nightli")
+    assert proc.returncode == 2 and proc.stderr.startswith("mmfuse: unknown stage 'nightli' (did you mean 'nightly'?)")
+
+
+def test_every_stage_accepts_every_stages_options(demo, tmp_path):
+    """A scheduler may hand one option set to each stage: ingest takes (and ignores) the alignment's."""
+    from pipelines import ingest
+    assert ingest.main([f"--catalog={demo['catalog']}", f"--output={tmp_path}", *DEMO_FLAGS, "--top_k=5",
+                        "--runner=DirectRunner"]) == 0
+
+
+def test_catalog_without_rows_stops_with_one_line(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"item_id": pa.array([], pa.string()), "title": pa.array([], pa.string())}), path)
+    proc = _run(str(ROOT / ".venv" / "bin" / "mmfuse"), "nightly", f"--catalog={path}", f"--interactions={path}",
+                f"--output={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"mmfuse nightly: error: {path}: the catalog has no rows"]
+    assert not (tmp_path / "out").exists()

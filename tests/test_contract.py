@@ -14,11 +14,21 @@ END = dt.datetime(2026, 11, 27, 23, 59, 59, tzinfo=dt.timezone.utc)
 
 
 @pytest.mark.parametrize("item_id, error", [(None, "missing_item_id"), ("  ", "empty_item_id"),
-                                            (17, "wrong_type")])
+                                            (17.5, "wrong_type"), (True, "wrong_type")])
 def test_bad_item_ids(item_id, error):
     with pytest.raises(Invalid) as e:
         contract.catalog_item({"item_id": item_id, "title": "x"}, "/data/c.parquet", SPEC)
     assert e.value.error == error
+
+
+def test_common_export_types_are_accepted():
+    """BigQuery exports ids as INT64 and timestamps often travel as ISO-8601 strings; a null tag is dropped
+    alone."""
+    item = contract.catalog_item({"item_id": 17, "title": "x", "tags": ["a", None, "b"]}, "/c.parquet", SPEC)
+    assert item["item_id"] == "17" and item["text"]["tags"] == ["a", "b"]
+    for when in ("2025-11-24T16:00:00Z", "2025-11-24 16:00:00", "2025-11-24T17:00:00+01:00"):
+        event = contract.interaction({"user_id": 5, "item_id": 17, "timestamp": when}, InteractionColumns(), END)
+        assert (event["user_id"], event["item_id"], event["timestamp"]) == ("5", "17", 1764000000)
 
 
 def test_item_normalised():
@@ -56,6 +66,7 @@ def test_timestamps_accepted(when):
 @pytest.mark.parametrize("row, error", [
     ({"timestamp": None}, "bad_timestamp"), ({"timestamp": -5}, "bad_timestamp"),
     ({"timestamp": 1.5}, "bad_timestamp"), ({"timestamp": 4_000_000_000}, "bad_timestamp"),
+    ({"timestamp": "last tuesday"}, "bad_timestamp"),
     ({"weight": float("nan")}, "bad_weight"), ({"user_id": None}, "missing_user_id"),
     ({"item_id": ""}, "empty_item_id"), ({"event": 3}, "wrong_type")])
 def test_bad_interactions(row, error):
@@ -91,3 +102,10 @@ def test_unusable_files(tmp_path):
     pq.write_table(pa.table({"item_id": ["a"], "name": ["b"]}), tmp_path / "z.parquet")
     with pytest.raises(ContractError, match="none of the content columns"):
         plan(str(tmp_path / "z.parquet"), lambda f, c: contract.check_catalog_schema(f, c, SPEC))
+
+
+def test_dead_letters_echo_values_capped():
+    from transforms.deadletter import MAX_CHARS, dead_letter
+    letter = dead_letter("catalog", "k" * 10_000, "wrong_type", "title=" + "x" * 10_000, "/c.parquet#row=1")
+    assert len(letter["key"]) < MAX_CHARS + 40 and len(letter["message"]) < MAX_CHARS + 40
+    assert letter["message"].endswith("(10006 characters)")

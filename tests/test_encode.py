@@ -121,3 +121,23 @@ def test_model_batches_have_a_fixed_size():
     for handler in (EncoderHandler(lambda: None, 32), AlignHandler(32)):
         kwargs = handler.batch_elements_kwargs()
         assert kwargs["min_batch_size"] == kwargs["max_batch_size"] == 32
+
+
+def test_the_media_size_limit_holds_for_inline_bytes_as_for_files(tmp_path):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.util import assert_that, equal_to
+
+    import runners
+    from transforms.media import FetchMedia
+    (tmp_path / "big.png").write_bytes(b"x" * 101)
+    (tmp_path / "ok.png").write_bytes(b"x" * 100)
+    items = [(name, {"image": data, "image_uri": uri, "source": f"c.parquet#row={i}"}) for i, (name, data, uri) in
+             enumerate([("inline-big", b"x" * 101, None), ("inline-ok", b"x" * 100, None),
+                        ("file-big", None, str(tmp_path / "big.png")), ("file-ok", None, str(tmp_path / "ok.png"))])]
+    with runners.create_pipeline(PipelineOptions(["--runner=DirectRunner"])) as p:
+        fetched, dead = p | beam.Create(items) | FetchMedia("image", 100)
+        assert_that(fetched | beam.Map(lambda e: (e[0], len(e[1]["image"] or b""))),
+                    equal_to([("inline-big", 0), ("inline-ok", 100), ("file-big", 0), ("file-ok", 100)]))
+        assert_that(dead | beam.Map(lambda d: (d["key"], d["error"])),
+                    equal_to([("inline-big", "media_too_large"), ("file-big", "media_too_large")]), label="dead")

@@ -181,3 +181,15 @@ def test_own_pixel_limit_below_pillows():
     with pytest.raises(InputError, match="10000x5000") as err:  # 50M pixels: Pillow would decode it
         decode_image(_png_claiming(10_000, 5_000))
     assert err.value.reason == "image_too_large"
+
+
+def test_errors_name_the_format_never_the_content():
+    """A media path may point at a secrets file: its dead letter says what the bytes look like, not what
+    they say."""
+    for secret, looks in ((b"root:x:0:0:root:/root:/bin/bash\n", "text"), (b"DB_PASSWORD=hunter2\n", "text"),
+                          (b"%PDF-1.7 secret", "PDF document"), (bytes([7, 200, 13, 99]) * 4, "binary data")):
+        with pytest.raises(InputError) as err:
+            image_input(secret)
+        message = str(err.value)
+        assert f"{len(secret)} bytes: {looks}" in message
+        assert not any(word in message for word in ("root", "DB_PASSWORD", "hunter2", "secret", "\\x"))

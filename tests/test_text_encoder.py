@@ -68,3 +68,13 @@ def test_long_text_is_truncated(encoder):
 def test_identifier(encoder):
     name, _, digest = encoder.identifier.partition("@")
     assert name == "all-MiniLM-L6-v2" and len(digest) == 12
+
+
+def test_a_huge_text_field_is_cut_before_the_tokenizer_and_encodes_the_same(encoder):
+    """A 50 MB title once took gigabytes to tokenise; the model reads 256 tokens, which come from the cut."""
+    from pipelines.encode import CHARS_PER_TOKEN
+    from transforms.embed import join_text
+    words = " ".join(f"word{i}" for i in range(10_000_000))[:50_000_000]
+    cut = join_text({"title": words, "tags": ["drama"]}, ("title", "tags"), "", 256 * CHARS_PER_TOKEN)
+    assert cut == words[:256 * CHARS_PER_TOKEN] + " | drama"
+    assert np.allclose(encoder.encode_texts([cut])[0], encoder.encode_texts([words[:100_000]])[0], atol=1e-6)

@@ -84,8 +84,11 @@ def _id(row: dict, column: str) -> str:
     value = row.get(column)
     if value is None:
         raise Invalid(f"missing_{column}", f"{column} is null")
+    if isinstance(value, int) and not isinstance(value, bool):  # integer ids (e.g. BigQuery's INT64)
+        return str(value)
     if not isinstance(value, str):
-        raise Invalid("wrong_type", f"{column} must be a string, got {type(value).__name__} {value!r}")
+        raise Invalid("wrong_type", f"{column} must be a string or an integer, got {type(value).__name__} "
+                                    f"{value!r:.60}")
     if not value.strip():
         raise Invalid(f"empty_{column}", f"{column} is empty")
     return value
@@ -101,6 +104,7 @@ def _typed(row: dict, column: str, kinds: tuple[type, ...], what: str) -> Any:
 def _text(row: dict, column: str) -> str | list[str] | None:
     value = _typed(row, column, (str, list), "a string or a list of strings")
     if isinstance(value, list):
+        value = [v for v in value if v is not None]  # a null element is dropped, not the whole item
         if not all(isinstance(v, str) for v in value):
             raise Invalid("wrong_type", f"{column} must be a list of strings, got {value!r:.60}")
         value = [v for v in value if v.strip()] or None
@@ -121,7 +125,13 @@ def resolve_uri(uri: str, source_file: str) -> str:
 
 
 def as_utc(value: Any, column: str) -> dt.datetime:
-    """A timestamp or integer epoch seconds as an aware UTC datetime; naive timestamps are taken as UTC."""
+    """A timestamp, integer epoch seconds or an ISO-8601 string as an aware UTC datetime; naive timestamps
+    are taken as UTC."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise Invalid("bad_timestamp", f"{column}={value!r:.60} is not an ISO-8601 timestamp") from None
     if isinstance(value, dt.datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -131,7 +141,7 @@ def as_utc(value: Any, column: str) -> dt.datetime:
             raise Invalid("bad_timestamp", f"{column}={value} is not a valid epoch second") from None
     if value is None:
         raise Invalid("bad_timestamp", f"{column} is null")
-    raise Invalid("bad_timestamp", f"{column} must be a timestamp or integer seconds, "
+    raise Invalid("bad_timestamp", f"{column} must be a timestamp, integer seconds or an ISO-8601 string, "
                                    f"got {type(value).__name__} {value!r:.60}")
 
 

@@ -14,6 +14,13 @@ SCHEMA = pa.schema([
 ])
 
 
+MAX_CHARS = 500  # of a message or key: a bad record's values are echoed capped, never whole
+
+
+def _capped(text: str) -> str:
+    return text if len(text) <= MAX_CHARS else f"{text[:MAX_CHARS]}... ({len(text)} characters)"
+
+
 def dead_letter(stage: str, key: str | None, error: str, message: str, source: str | None) -> dict:
-    return {"stage": stage, "key": key if key else (source or ""), "error": error,
-            "message": message, "source": source or ""}
+    return {"stage": stage, "key": _capped(key if key else (source or "")), "error": error,
+            "message": _capped(message), "source": source or ""}

@@ -54,9 +54,11 @@ class PrecomputedVectors(beam.PTransform):
         return items | "Check" >> beam.FlatMap(check).with_outputs(DEAD, main="ok")
 
 
-def join_text(text: dict, columns: tuple[str, ...], template: str = "") -> str | None:
-    """The text a text model sees: a template over the columns, or the non-empty columns joined with " | "."""
-    values = {c: ", ".join(v) if isinstance(v, list) else v for c, v in text.items()}
+def join_text(text: dict, columns: tuple[str, ...], template: str = "", max_chars: int | None = None) -> str | None:
+    """The text a text model sees: a template over the columns, or the non-empty columns joined with " | ".
+    Each column is cut at ``max_chars`` first: the model reads a few hundred tokens, and a huge field must
+    not cost the tokenizer gigabytes."""
+    values = {c: (", ".join(v) if isinstance(v, list) else v)[:max_chars] for c, v in text.items()}
     if not values:
         return None
     if template:

@@ -40,7 +40,8 @@ def list_files(path: str) -> list[str]:
 
 
 def plan(path: str, check: Callable[[str, set[str]], None]) -> tuple[list[tuple[str, int, int]], set[str]]:
-    """Row groups to read as ``(file, row_group, first_row)``, after ``check(file, columns)`` on each file."""
+    """Row groups to read as ``(file, row_group, first_row)``, empty ones left out, after ``check(file,
+    columns)`` on each file."""
     work, columns = [], set()
     for file in list_files(path):
         try:
@@ -53,7 +54,8 @@ def plan(path: str, check: Callable[[str, set[str]], None]) -> tuple[list[tuple[
         columns |= names
         first = 0
         for group in range(meta.num_row_groups):
-            work.append((file, group, first))
+            if meta.row_group(group).num_rows:
+                work.append((file, group, first))
             first += meta.row_group(group).num_rows
     return work, columns
 
