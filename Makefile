@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO := demo
-DEMO_FLAGS := --vector_columns=features:16
+DEMO_FLAGS = --vector_columns=features:16 --media_roots=$(DEMO)/data/media
 
 .PHONY: install demo test test-fast bench clean
 

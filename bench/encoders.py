@@ -142,11 +142,11 @@ def run(cmd: list[str], env: dict) -> tuple[str, float, float]:
         return out.read().decode(), wall, usage.ru_maxrss / 1024
 
 
-def pipeline(modality: str, catalog: Path, output: Path, env: dict) -> tuple[float, float]:
+def pipeline(modality: str, catalog: Path, output: Path, env: dict, media_roots: str) -> tuple[float, float]:
     """Wall seconds and peak MiB of ``python -m pipelines.encode`` on one catalog; checks nothing dead-lettered."""
     shutil.rmtree(output, ignore_errors=True)
     _, wall, rss = run([sys.executable, "-m", "pipelines.encode", f"--catalog={catalog}", f"--output={output}",
-                        f"--run_date={RUN_DATE}", f"--modalities={modality}",
+                        f"--run_date={RUN_DATE}", f"--modalities={modality}", f"--media_roots={media_roots}",
                         f"--batch_sizes={modality}:{BATCH[modality]}", "--previous=none"], env)
     counts = json.loads((output / RUN_DATE / "metrics.json").read_text())["stages"][f"encode:{modality}"]
     if counts["dead"] or counts["out"] != pq.read_metadata(catalog).num_rows:
@@ -179,7 +179,8 @@ def measure(modalities: list[str], sizes: dict[str, int], repeats: int, work: Pa
                 samples[m]["peer"].append({**json.loads(out.splitlines()[-1]), "peak_mib": rss, "load": load})
             for kind in ("tiny", "pipeline"):
                 load = os.getloadavg()[0]
-                wall, rss = pipeline(m, work / m / kind / "catalog.parquet", work / m / "out", env)
+                wall, rss = pipeline(m, work / m / kind / "catalog.parquet", work / m / "out", env,
+                                     f"{DATA},{work}")  # the media's folders: real data, or the demo's
                 samples[m][kind].append({"wall_s": wall, "peak_mib": rss, "load": load})
             print(f"repeat {rep + 1}/{repeats}: {m} done", file=sys.stderr, flush=True)
     return {"source": source, "samples": samples}

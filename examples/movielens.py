@@ -63,7 +63,8 @@ def _movie_tags(tags: pa.Table) -> dict[int, list[str]]:
 
 def convert(movielens_dir: str | Path, out_dir: str | Path,
             posters_only: bool = False) -> dict[str, Path]:
-    """Write catalog/movies.parquet and interactions/ratings.parquet under out_dir.
+    """Write catalog/movies.parquet and interactions/ratings.parquet under out_dir; returns their paths
+    and the posters folder the catalog's image_uri point into (``media``).
 
     posters_only keeps just the movies that have a poster, and their ratings,
     for runs that need every item to have an image.
@@ -109,7 +110,7 @@ def convert(movielens_dir: str | Path, out_dir: str | Path,
     }, schema=INTERACTIONS_SCHEMA)
 
     paths = {"catalog": out_dir / "catalog" / "movies.parquet",
-             "interactions": out_dir / "interactions" / "ratings.parquet"}
+             "interactions": out_dir / "interactions" / "ratings.parquet", "media": posters_dir}
     for name, table in (("catalog", catalog), ("interactions", interactions)):
         paths[name].parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, paths[name])
@@ -124,8 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--posters_only", action="store_true",
                         help="keep only movies with a poster, and their ratings")
     args = parser.parse_args(argv)
-    for name, path in convert(args.movielens, args.out, args.posters_only).items():
-        print(f"{name}: {path} ({pq.read_metadata(path).num_rows} rows)")
+    paths = convert(args.movielens, args.out, args.posters_only)
+    for name in ("catalog", "interactions"):
+        print(f"{name}: {paths[name]} ({pq.read_metadata(paths[name]).num_rows} rows)")
+    print(f"media: {paths['media']} (pass --media_roots={paths['media']} to the jobs)")
 
 
 if __name__ == "__main__":

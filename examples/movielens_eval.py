@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     run = work / "run" / RUN_DATE
     if not is_complete(str(run)):
         assert encode.main([f"--catalog={paths['catalog']}", f"--output={work / 'run'}", f"--run_date={RUN_DATE}",
+                            f"--media_roots={paths['media']}",
                             "--modalities=text,image", "--previous=none"]) == 0
     code = evaluate.main([f"--catalog={paths['catalog']}", f"--interactions={paths['interactions']}",
                           f"--embeddings={run}", f"--output={work}", f"--methods={args.methods}"])

@@ -8,6 +8,10 @@ Input contract (what the model receives, batched):
   short ones zero-padded); the item's vector is the mean over its windows.
 It must return one float vector per input, (N, D). A SavedModel is called through its ``serving_default``
 signature, which must have exactly one input and one output.
+
+Trust: a ``.keras`` file is loaded with Keras's safe mode (no code in the file runs). A SavedModel is a
+TensorFlow graph, which can read and write files on the worker: it runs only when the job is told to trust
+custom models. Either may be pinned to its ``digest``; a model whose files changed is then refused.
 """
 from __future__ import annotations
 
@@ -38,13 +42,36 @@ def _files(path: str) -> list[str]:
     return sorted(posixpath.join(root, f) for root, _, files in gfile.walk(path) for f in files)
 
 
+def digest(path: str) -> str:
+    """``sha256:<hex>`` of a model: of the file's bytes (what ``sha256sum`` prints), or for a SavedModel
+    folder, of each file's relative path and sha256 in path order."""
+    files, gfile = _files(path), _tf().io.gfile
+    if files == [path]:
+        return "sha256:" + hashlib.sha256(gfile.GFile(path, "rb").read()).hexdigest()
+    h = hashlib.sha256()
+    for file in files:
+        h.update(f"{posixpath.relpath(file, path)}\n{hashlib.sha256(gfile.GFile(file, 'rb').read()).hexdigest()}\n"
+                 .encode())
+    return "sha256:" + h.hexdigest()
+
+
+def is_saved_model(path: str) -> bool:
+    return not path.rstrip("/").endswith(".keras")
+
+
 class CustomEncoder(Encoder):
-    def __init__(self, modality: str, source: str, path: str, image_size: int = 224, max_windows: int = 10):
+    def __init__(self, modality: str, source: str, path: str, image_size: int = 224, max_windows: int = 10,
+                 pinned: str | None = None):
         if source not in ("text", "image", "audio"):
             raise ValueError(f"custom encoders read text, image or audio, not {source!r}")
         self.modality, self.source, self.path = modality, source, path.rstrip("/")
-        self.image_size, self.max_windows = image_size, max_windows
+        self.image_size, self.max_windows, self.pinned = image_size, max_windows, pinned
         self.dim = 0  # known once the model has run
+
+    def check_pinned(self) -> None:
+        """Raises ValueError when the model's digest differs from the pinned one."""
+        if self.pinned is not None and (found := digest(self.path)) != self.pinned:
+            raise ValueError(f"{self.path} has digest {found}, not the pinned {self.pinned}: refused")
 
     @functools.cached_property
     def identifier(self) -> str:
@@ -55,13 +82,16 @@ class CustomEncoder(Encoder):
 
     @functools.cached_property
     def _call(self):
-        """Loaded on first use; ``.keras`` files are copied locally first (Keras reads only local files)."""
+        """Loaded on first use, after the pinned digest is checked (on the worker: files can change after the
+        job was submitted); ``.keras`` files are copied locally first (Keras reads only local files)."""
+        self.check_pinned()
         tf = _tf()
         if self.path.endswith(".keras"):
             import keras
-            local = posixpath.join(tempfile.mkdtemp(), posixpath.basename(self.path))
-            tf.io.gfile.copy(self.path, local)
-            model = keras.saving.load_model(local, compile=False)
+            with tempfile.TemporaryDirectory(prefix="mmfuse-model-") as folder:
+                local = posixpath.join(folder, posixpath.basename(self.path))
+                tf.io.gfile.copy(self.path, local)
+                model = keras.saving.load_model(local, compile=False, safe_mode=True)
             return lambda x: model.predict_on_batch(x)
         signature = tf.saved_model.load(self.path).signatures["serving_default"]
         [(name, spec)] = signature.structured_input_signature[1].items()

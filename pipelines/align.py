@@ -278,7 +278,7 @@ def artifact(job: Job, options: PipelineOptions, rows, interactions, modalities:
         dims = modality_dims(options, list(modalities))
         meta = dataclasses.asdict(config)
         fitted = (rows
-                  | "FitPca" >> FitPca(dims, config.dim, folder)
+                  | "FitPca" >> FitPca(dims, config.dim, folder, posixpath.join(job.run.temp, "tft"))
                   | "AllFitted" >> beam.combiners.ToList()
                   | "WriteConfig" >> beam.Map(lambda _: _pca_config(folder, dims, meta)))
     else:
@@ -367,6 +367,6 @@ def fit_pca_local(catalog, dim: int):
             for i, item in enumerate(catalog.item_ids)]
     with tempfile.TemporaryDirectory(prefix="mmfuse-pca-") as folder:
         with runners.create_pipeline(PipelineOptions([])) as pipeline:
-            _ = pipeline | beam.Create(rows, reshuffle=False) | FitPca(dims, dim, folder)
+            _ = pipeline | beam.Create(rows, reshuffle=False) | FitPca(dims, dim, folder, f"{folder}/tft")
         _pca_config(folder, dims, dataclasses.asdict(learned.AlignConfig(dim=dim, fusion="mean")))
         return learned.load(folder)

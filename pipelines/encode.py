@@ -25,9 +25,9 @@ from transforms.runs import has_dataset, is_complete, latest_complete
 
 def fetch_media(job: Job, options: PipelineOptions, items, kinds: list[str]):
     """Read the media of these kinds that items name by URI; a missing file dead-letters that medium only."""
-    limit = options.view_as(o.RunOptions).max_media_bytes
+    limit, roots = options.view_as(o.RunOptions).max_media_bytes, o.media_roots(options)
     for kind in kinds:
-        fetched, dead = items | f"Fetch {kind}" >> media.FetchMedia(kind, limit)
+        fetched, dead = items | f"Fetch {kind}" >> media.FetchMedia(kind, limit, roots)
         job.stage(f"media:{kind}",
                   items | f"With {kind} before" >> beam.Filter(media.has(kind)),
                   fetched | f"With {kind} after" >> beam.Filter(media.has(kind)),
@@ -66,10 +66,29 @@ def encoder_factory(options: PipelineOptions, modality: str):
     opts, custom = options.view_as(o.EncodeOptions), o.custom_encoders(options)
     windows = {"max_windows": opts.audio_max_windows}
     if modality in custom:
+        path, pinned = custom[modality]
         settings = {"image": {"image_size": opts.custom_image_size}, "audio_mfcc": windows, "audio_musicnn": windows}
-    else:
-        settings = {"text": {"max_length": opts.text_max_tokens}, "audio_mfcc": windows, "audio_musicnn": windows}
-    return factory(modality, custom.get(modality), **settings.get(modality, {}))
+        return factory(modality, path, pinned=pinned, **settings.get(modality, {}))
+    settings = {"text": {"max_length": opts.text_max_tokens}, "audio_mfcc": windows, "audio_musicnn": windows}
+    return factory(modality, None, **settings.get(modality, {}))
+
+
+def check_custom_encoders(options: PipelineOptions) -> None:
+    """Before anything runs: known modalities, SavedModels only when trusted, pinned digests matching."""
+    from models.custom import is_saved_model
+    custom = o.custom_encoders(options)
+    unknown = set(custom) - set(MODALITIES)
+    if unknown:
+        raise ContractError(f"--custom_encoders: unknown modalities {sorted(unknown)}; known: {list(MODALITIES)}")
+    for modality, (path, _) in custom.items():
+        if is_saved_model(path) and not options.view_as(o.EncodeOptions).trust_custom_models:
+            raise ContractError(f"--custom_encoders: {modality}={path} is a SavedModel, whose graph can read and "
+                                "write files on the workers; pass --trust_custom_models to run it (and pin it: "
+                                "PATH@sha256:DIGEST)")
+        try:
+            encoder_factory(options, modality)().check_pinned()
+        except ValueError as e:
+            raise ContractError(f"--custom_encoders: {e}") from None
 
 
 CHARS_PER_TOKEN = 128  # a text column is cut at --text_max_tokens times this: far more than the model reads
@@ -101,9 +120,7 @@ def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
     modalities encoded."""
     spec, opts = o.catalog_columns(options), options.view_as(o.EncodeOptions)
     chosen = choose_modalities(options, spec, columns)
-    unknown = set(o.custom_encoders(options)) - set(MODALITIES)
-    if unknown:
-        raise ContractError(f"--custom_encoders: unknown modalities {sorted(unknown)}; known: {list(MODALITIES)}")
+    check_custom_encoders(options)
     batch = o.batch_sizes(options)
     hints = {"accelerator": opts.encode_accelerator} if opts.encode_accelerator else {}
     previous = previous_run(options)

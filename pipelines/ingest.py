@@ -14,6 +14,7 @@ from pipelines import options as o
 from pipelines.job import Job, run_job
 from transforms.contract import ContractError, check_catalog_schema, check_interactions_schema
 from transforms.parquet import ReadRows, plan
+from transforms.privacy import load_key
 from transforms.validate import ValidateCatalog, ValidateInteractions
 
 
@@ -31,12 +32,13 @@ def read_catalog(job: Job, options: PipelineOptions):
 
 def read_interactions(job: Job, options: PipelineOptions, items):
     """Valid interactions on catalog items, as dicts with ``timestamp`` in epoch seconds."""
-    run = options.view_as(o.RunOptions)
+    run, privacy = options.view_as(o.RunOptions), options.view_as(o.PrivacyOptions)
     spec = o.interaction_columns(options)
+    key = load_key(privacy.pseudonym_key_file) if privacy.pseudonymize_user_ids else None
     work, _ = plan(run.interactions, lambda f, cols: check_interactions_schema(f, cols, spec))
     rows = job.pipeline | "ReadInteractions" >> ReadRows(work, spec.all)
     item_ids = items | "ItemIds" >> beam.Keys()
-    events, dead = rows | "ValidateInteractions" >> ValidateInteractions(spec, run.run_date, item_ids)
+    events, dead = rows | "ValidateInteractions" >> ValidateInteractions(spec, run.run_date, item_ids, key)
     return job.stage(ValidateInteractions.STAGE, rows, events, dead)
 
 

@@ -21,7 +21,7 @@ from transforms import deadletter
 from transforms.contract import ContractError
 from transforms.counting import count_stage
 from transforms.parquet import WriteDataset
-from transforms.runs import METRICS, CommitRun, RunFolder
+from transforms.runs import METRICS, CommitRun, RunFolder, TooManyDeadLetters
 
 
 class Job:
@@ -51,10 +51,14 @@ class Job:
         """Commit only after ``pcoll`` is computed: for outputs written by a step itself (model artifacts)."""
         self._written.append(pcoll)
 
-    def finish(self) -> None:
+    def finish(self, max_dead_fraction: float) -> None:
         dead = self._dead | "AllDeadLetters" >> beam.Flatten(pipeline=self.pipeline)
         self.write("dead_letter", dead, deadletter.SCHEMA)
-        _ = self.pipeline | "CommitRun" >> CommitRun(self.run, self._counts, self._written, self.report)
+        reasons = (dead
+                   | "DeadReason" >> beam.Map(lambda d: ((d["stage"], d["error"]), 1))
+                   | "DeadReasons" >> beam.CombinePerKey(sum))
+        _ = self.pipeline | "CommitRun" >> CommitRun(self.run, self._counts, self._written, self.report,
+                                                      reasons, max_dead_fraction)
 
 
 def execute(build: Callable[[Job, PipelineOptions], None], argv: list[str] | None):
@@ -63,19 +67,26 @@ def execute(build: Callable[[Job, PipelineOptions], None], argv: list[str] | Non
     options = PipelineOptions(argv)
     require(options, "catalog", "output")
     opts = options.view_as(RunOptions)
+    if not 0 <= opts.max_dead_fraction <= 1:
+        raise ContractError(f"--max_dead_fraction={opts.max_dead_fraction}: must be between 0 and 1")
     run = RunFolder(opts.output, opts.run_date)
     pipeline = runners.create_pipeline(options)
     job = Job(pipeline, run)
     build(job, options)
-    job.finish()
-    run.clear_stale_staging()
-    result = pipeline.run()
-    result.wait_until_finish()
+    job.finish(opts.max_dead_fraction)
+    run.acquire()
+    try:
+        run.recover()
+        result = pipeline.run()
+        result.wait_until_finish()
+    finally:
+        run.release()
     return result, run
 
 
 def run_job(name: str, build: Callable[[Job, PipelineOptions], None], argv: list[str] | None) -> int:
-    """The command line of a job: user errors become one line on stderr and exit code 2."""
+    """The command line of a job: user errors become one line on stderr and exit code 2, a stage that
+    dead-lettered too much exit code 3, any other failure exit code 1."""
     logging.getLogger().setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):
@@ -87,6 +98,10 @@ def run_job(name: str, build: Callable[[Job, PipelineOptions], None], argv: list
         print(f"mmfuse {name}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a scheduler wants one line; the log above has the traceback
+        refused = TooManyDeadLetters.find(e)
+        if refused:
+            print(f"mmfuse {name}: error: {refused}", file=sys.stderr)
+            return 3
         logging.exception("mmfuse %s failed", name)
         print(f"mmfuse {name}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
               file=sys.stderr)

@@ -45,7 +45,27 @@ class RunOptions(PipelineOptions):
                             help="Date of the run, YYYY-MM-DD (default: today, UTC); interactions after it "
                                  "are refused as bad timestamps")
         parser.add_argument("--max_media_bytes", type=int, default=256 << 20,
-                            help="Media files larger than this are dead-lettered instead of read")
+                            help="Media files or inline bytes larger than this are dead-lettered instead of read")
+        parser.add_argument("--max_dead_fraction", type=float, default=0.5,
+                            help="A stage that dead-letters more than this share of its records fails the run "
+                                 "(exit 3, nothing published; its dead letters stay in staging); 1: never")
+        parser.add_argument("--media_roots", default="",
+                            help="Comma-separated folders or prefixes (local or gs://) that image_uri and "
+                                 "audio_uri may point into; anything else is refused (default: the catalog's "
+                                 "own folder)")
+
+
+class PrivacyOptions(PipelineOptions):
+    """Pseudonymous user ids in every output."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--pseudonymize_user_ids", action="store_true",
+                            help="Replace each user_id by its keyed HMAC-SHA256 as interactions are read, so no "
+                                 "output holds a raw user id; the key comes from $MMFUSE_PSEUDONYM_KEY or "
+                                 "--pseudonym_key_file, never from the command line")
+        parser.add_argument("--pseudonym_key_file", default="",
+                            help="A file (local or gs://) holding the pseudonym key (at least 16 bytes)")
 
 
 class CatalogOptions(PipelineOptions):
@@ -119,8 +139,12 @@ class EncodeOptions(PipelineOptions):
         parser.add_argument("--audio_max_windows", type=int, default=10,
                             help="Longer audio is cut to this many evenly spaced 3 s windows")
         parser.add_argument("--custom_encoders", default="",
-                            help="Your own models instead of the defaults, as MODALITY=PATH,...: a .keras file or a "
-                                 "TF SavedModel folder, local or gs:// (input contract: models/custom.py)")
+                            help="Your own models instead of the defaults, as MODALITY=PATH[@sha256:DIGEST],...: a "
+                                 ".keras file or a TF SavedModel folder, local or gs:// (input contract: "
+                                 "models/custom.py); with a digest, a model whose files differ is refused")
+        parser.add_argument("--trust_custom_models", action="store_true",
+                            help="Run custom SavedModels: a TensorFlow graph can read and write files on the "
+                                 "workers (.keras files load in Keras's safe mode and need no trust)")
         parser.add_argument("--custom_image_size", type=int, default=224,
                             help="Side of the square image a custom image model receives")
         parser.add_argument("--encode_accelerator", default="",
@@ -180,15 +204,24 @@ def batch_sizes(options: PipelineOptions) -> dict[str, int]:
     return _pairs(options.view_as(EncodeOptions).batch_sizes, "--batch_sizes")
 
 
+def media_roots(options: PipelineOptions) -> tuple[str, ...]:
+    from transforms.media import default_root
+    run = options.view_as(RunOptions)
+    return _names(run.media_roots) or (default_root(run.catalog),)
+
+
 def modalities(options: PipelineOptions) -> tuple[str, ...]:
     return _names(options.view_as(EncodeOptions).modalities)
 
 
-def custom_encoders(options: PipelineOptions) -> dict[str, str]:
+def custom_encoders(options: PipelineOptions) -> dict[str, tuple[str, str | None]]:
+    """``{modality: (path, pinned digest or None)}`` from ``MODALITY=PATH[@sha256:HEX],...``."""
     out = {}
     for part in _names(options.view_as(EncodeOptions).custom_encoders):
         modality, sep, path = part.partition("=")
-        if not sep or not path:
-            raise ContractError(f"--custom_encoders: expected MODALITY=PATH items, got {part!r}")
-        out[modality] = path
+        path, pin, hexdigest = path.rpartition("@sha256:") if "@sha256:" in path else (path, "", "")
+        if not sep or not path or (pin and len(hexdigest) != 64):
+            raise ContractError(f"--custom_encoders: expected MODALITY=PATH[@sha256:64 HEX DIGITS] items, "
+                                f"got {part!r}")
+        out[modality] = (path, f"sha256:{hexdigest.lower()}" if pin else None)
     return out

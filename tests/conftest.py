@@ -32,8 +32,10 @@ def demo(tmp_path_factory) -> dict[str, Path]:
 
 
 def nightly_args(demo, output, *extra: str) -> list[str]:
+    """The demo's media lie beside its catalog folder, not in it: they are allowed explicitly."""
+    media = demo.get("media", Path(demo.get("root", "")) / "media")
     return [f"--catalog={demo['catalog']}", f"--interactions={demo['interactions']}", f"--output={output}",
-            *DEMO_FLAGS, MODALITIES, *extra]
+            f"--media_roots={media}", *DEMO_FLAGS, MODALITIES, *extra]
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +64,7 @@ def movielens_run(paths: dict, out: Path, date: str, catalog=None) -> Path:
     # The first night fits the alignment for one epoch (its quality is pipelines/evaluate.py's business);
     # the next night reuses that artifact, as a nightly schedule with --refit=never|weekly does.
     assert nightly.main([f"--catalog={catalog or paths['catalog']}", f"--interactions={paths['interactions']}",
+                         f"--media_roots={paths['media']}",
                          f"--output={out}", f"--run_date={date}", "--align_epochs=1", "--refit=never"]) == 0
     return out / date
 

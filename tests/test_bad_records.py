@@ -56,7 +56,8 @@ def run(tmp_path_factory):
                    root / "interactions.parquet")
     result, folder = execute(nightly.build, [
         f"--catalog={root / 'catalog'}", f"--interactions={root / 'interactions.parquet'}",
-        f"--output={root / 'out'}", f"--run_date={RUN_DATE}", "--vector_columns=features:4"])
+        f"--output={root / 'out'}", f"--run_date={RUN_DATE}", "--vector_columns=features:4",
+        "--max_dead_fraction=1"])  # bad on purpose
     return result, folder.final, root
 
 
@@ -70,7 +71,7 @@ def test_each_bad_record_is_dead_lettered_once(run):
         ("catalog", "dup", "duplicate_item_id"),
         ("catalog", "typed-1", "wrong_type"),
         ("media:image", "missing-media", "missing_media"),
-        ("media:image", "unreadable-media", "unreadable_media"),
+        ("media:image", "unreadable-media", "not_a_regular_file"),
         ("encode:features", "short-vector", "bad_vector"),
         ("encode:features", "nan-vector", "bad_vector"),
         ("interactions", "u3", "unknown_item"),

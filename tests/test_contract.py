@@ -67,7 +67,8 @@ def test_timestamps_accepted(when):
     ({"timestamp": None}, "bad_timestamp"), ({"timestamp": -5}, "bad_timestamp"),
     ({"timestamp": 1.5}, "bad_timestamp"), ({"timestamp": 4_000_000_000}, "bad_timestamp"),
     ({"timestamp": "last tuesday"}, "bad_timestamp"),
-    ({"weight": float("nan")}, "bad_weight"), ({"user_id": None}, "missing_user_id"),
+    ({"weight": float("nan")}, "bad_weight"), ({"weight": -1.0}, "bad_weight"),
+    ({"user_id": None}, "missing_user_id"),
     ({"item_id": ""}, "empty_item_id"), ({"event": 3}, "wrong_type")])
 def test_bad_interactions(row, error):
     base = {"user_id": "u", "item_id": "i", "timestamp": 1764000000}

@@ -1,4 +1,5 @@
 """Users' own models for a modality: a .keras image model and a SavedModel text model, through the encode job."""
+import hashlib
 import io
 
 import keras
@@ -9,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from models.custom import CustomEncoder
+from models.custom import CustomEncoder, digest
 from pipelines import encode
 from tests.conftest import RUN_DATE, dataset, metrics
 
@@ -48,7 +49,8 @@ def test_custom_models_encode_in_the_pipeline(models, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "catalog.parquet")
     assert encode.main([f"--catalog={tmp_path / 'catalog.parquet'}", f"--output={tmp_path / 'out'}",
                         f"--run_date={RUN_DATE}", "--modalities=text,image", "--custom_image_size=16",
-                        f"--custom_encoders=image={root / 'colour.keras'},text={root / 'text_stats'}"]) == 0
+                        f"--custom_encoders=image={root / 'colour.keras'}@{digest(str(root / 'colour.keras'))},"
+                        f"text={root / 'text_stats'}", "--trust_custom_models"]) == 0
     out = tmp_path / "out" / RUN_DATE
     got = {r["item_id"]: r for r in dataset(out, "embeddings").to_pylist()}
     assert got["red"]["text"] == [9.0, 1.0] and got["blue"]["text"] == [4.0, 0.0]
@@ -64,3 +66,22 @@ def test_identifier_follows_the_weights(models):
     encoder = CustomEncoder("image", "image", str(root / "colour.keras"))
     assert encoder.identifier.startswith("custom:colour.keras@")
     assert CustomEncoder("text", "text", str(root / "text_stats")).identifier != encoder.identifier
+
+
+def test_a_savedmodel_runs_only_when_trusted_and_a_pin_must_match(models, tmp_path, capsys):
+    """A SavedModel's graph can read and write files on the workers (a .keras file loads in safe mode)."""
+    root, _ = models
+    pq.write_table(pa.Table.from_pylist([{"item_id": "a", "title": "t", "image_bytes": _png((1, 2, 3))}]),
+                   tmp_path / "catalog.parquet")
+    base = [f"--catalog={tmp_path / 'catalog.parquet'}", f"--output={tmp_path / 'out'}", f"--run_date={RUN_DATE}",
+            "--modalities=text,image", "--custom_image_size=16"]
+    assert encode.main([*base, f"--custom_encoders=text={root / 'text_stats'}"]) == 2
+    assert "is a SavedModel" in capsys.readouterr().err
+    keras_file = root / "colour.keras"
+    assert digest(str(keras_file)) == "sha256:" + hashlib.sha256(keras_file.read_bytes()).hexdigest()  # sha256sum
+    wrong = "0" * 64
+    assert encode.main([*base, f"--custom_encoders=image={keras_file}@sha256:{wrong}"]) == 2
+    assert f"has digest {digest(str(keras_file))}, not the pinned sha256:{wrong}: refused" in capsys.readouterr().err
+    assert encode.main([*base, f"--custom_encoders=text={root / 'text_stats'}@{digest(str(root / 'text_stats'))}",
+                        "--trust_custom_models"]) == 0
+    assert metrics(tmp_path / "out" / RUN_DATE)["modalities"]["text"] == {"encoded": 1, "reused": 0, "dead": 0}

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -99,7 +100,7 @@ def test_capped_fit_folds_in_every_other_item_with_interactions(demo, tmp_path, 
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     assert nightly.main(nightly_args(demo, tmp_path, "--fit_events=300", "--fit_items=40",
                                            "--cf_anchors=10")) == 0
-    assert not list(temp.glob("mmfuse-alignment-*"))
+    assert not list(temp.glob("mmfuse-*"))
     run = tmp_path / RUN_DATE
     meta = json.loads((run / "alignment" / "alignment.json").read_text())
     assert meta["metrics"]["fit"]["events"] <= 300 and meta["metrics"]["fit"]["items"] <= 40
@@ -116,3 +117,45 @@ def test_capped_fit_folds_in_every_other_item_with_interactions(demo, tmp_path, 
     assert with_cf == expected & set(items)
     assert len(with_cf - set(table["item_id"].to_pylist())) > 40  # most came from the fold-in
     assert 0 < len(anchors) <= 10 < table.num_rows  # the fit folded in items beyond its anchors too
+
+
+@pytest.mark.slow
+def test_statistical_alignment_night_leaves_no_scratch_files(demo, tmp_path, monkeypatch):
+    """--align=pca (tf.Transform) with a vector column narrower than --dim: every item is fused, and the
+    analysis's scratch files live beside the run's staging, gone with it."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert nightly.main(nightly_args(demo, tmp_path / "out", "--align=pca")) == 0
+    run = tmp_path / "out" / RUN_DATE
+    assert metrics(run)["stages"]["align"]["dead"] == 0 and len(dataset(run, "items")) == 120
+    assert not list(temp.glob("mmfuse-*")) and list((tmp_path / "out" / "_staging").iterdir()) == []
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [
+        "alignment", "dead_letter", "embeddings", "items", "recommendations", "similar_items", "users"]
+
+
+@pytest.mark.slow
+def test_pseudonymized_user_ids_reach_no_output(demo, tmp_path, monkeypatch, capfd):
+    """With --pseudonymize_user_ids every user id written (users, recommendations, dead letters) is the keyed
+    HMAC of the raw one, the same every night, and no raw id reaches the outputs or the console."""
+    from transforms.privacy import pseudonym
+    key = b"a secret key of 32 bytes, really"
+    monkeypatch.setenv("MMFUSE_PSEUDONYM_KEY", key.decode())
+    events = pq.read_table(demo["interactions"]).to_pylist()
+    raw = sorted({e["user_id"] for e in events})
+    events.append({**events[0], "user_id": "alice@example.com", "item_id": "no-such-item"})
+    pq.write_table(pa.Table.from_pylist(events, schema=pq.read_schema(demo["interactions"])),
+                   tmp_path / "interactions.parquet")
+    args = nightly_args({**demo, "interactions": tmp_path / "interactions.parquet"}, tmp_path / "out",
+                        "--pseudonymize_user_ids", "--modalities=features")
+    assert nightly.main(args) == 0
+    run = tmp_path / "out" / RUN_DATE
+    hidden = {pseudonym(key, u) for u in raw}
+    assert set(dataset(run, "users")["user_id"].to_pylist()) == hidden
+    assert set(dataset(run, "recommendations")["user_id"].to_pylist()) <= hidden
+    [letter] = [d for d in dataset(run, "dead_letter").to_pylist() if d["error"] == "unknown_item"]
+    assert letter["key"] == pseudonym(key, "alice@example.com")
+    written = b"".join(p.read_bytes() for p in run.rglob("*") if p.is_file())
+    console = capfd.readouterr()
+    for user in [*raw[:20], "alice@example.com"]:
+        assert user.encode() not in written and user not in console.out + console.err

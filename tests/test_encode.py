@@ -46,7 +46,7 @@ def bad_media_run(tmp_path_factory):
         ("item_id", pa.string()), ("title", pa.string()), ("image_bytes", pa.binary()), ("audio_bytes", pa.binary())])),
         root / "catalog.parquet")
     assert encode.main([f"--catalog={root / 'catalog.parquet'}", f"--output={root / 'out'}", f"--run_date={RUN_DATE}",
-                        "--modalities=text,image,audio_mfcc"]) == 0
+                        "--modalities=text,image,audio_mfcc", "--max_dead_fraction=1"]) == 0  # bad on purpose
     return root / "out" / RUN_DATE, images, audio
 
 
@@ -136,8 +136,49 @@ def test_the_media_size_limit_holds_for_inline_bytes_as_for_files(tmp_path):
              enumerate([("inline-big", b"x" * 101, None), ("inline-ok", b"x" * 100, None),
                         ("file-big", None, str(tmp_path / "big.png")), ("file-ok", None, str(tmp_path / "ok.png"))])]
     with runners.create_pipeline(PipelineOptions(["--runner=DirectRunner"])) as p:
-        fetched, dead = p | beam.Create(items) | FetchMedia("image", 100)
+        fetched, dead = p | beam.Create(items) | FetchMedia("image", 100, [str(tmp_path)])
         assert_that(fetched | beam.Map(lambda e: (e[0], len(e[1]["image"] or b""))),
                     equal_to([("inline-big", 0), ("inline-ok", 100), ("file-big", 0), ("file-ok", 100)]))
         assert_that(dead | beam.Map(lambda d: (d["key"], d["error"])),
                     equal_to([("inline-big", "media_too_large"), ("file-big", "media_too_large")]), label="dead")
+
+
+def test_media_are_read_only_from_regular_files_under_the_media_roots(tmp_path):
+    """A catalog is outside data: its URIs must not read the worker's own files, nor hang it on a FIFO."""
+    import os
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.util import assert_that, equal_to
+
+    import runners
+    from transforms.contract import resolve_uri
+    from transforms.media import FetchMedia
+    catalog = tmp_path / "catalog"
+    (catalog / "img").mkdir(parents=True)
+    (catalog / "img" / "ok.png").write_bytes(_image("PNG"))
+    (catalog / "img" / "escape.png").symlink_to("/etc/passwd")
+    os.mkfifo(catalog / "img" / "pipe.png")
+    source = str(catalog / "c.parquet")
+    uris = {"ok": "img/ok.png", "absolute": "/etc/passwd", "dotdot": "../" * 8 + "etc/shadow",
+            "proc": "/proc/self/environ", "symlink": "img/escape.png", "fifo": "img/pipe.png", "folder": "img"}
+    items = [(name, {"image": None, "image_uri": resolve_uri(uri, source), "source": source})
+             for name, uri in uris.items()]
+    with runners.create_pipeline(PipelineOptions(["--runner=DirectRunner"])) as p:
+        fetched, dead = p | beam.Create(items) | FetchMedia("image", 1 << 20, [str(catalog)])
+        assert_that(fetched | beam.Filter(lambda e: e[1]["image"] is not None) | beam.Keys(), equal_to(["ok"]))
+        assert_that(dead | beam.Map(lambda d: (d["key"], d["error"], "root:" in d["message"])), equal_to([
+            ("absolute", "media_outside_roots", False), ("dotdot", "media_outside_roots", False),
+            ("proc", "media_outside_roots", False), ("symlink", "media_outside_roots", False),
+            ("fifo", "not_a_regular_file", False), ("folder", "not_a_regular_file", False)]), label="dead")
+
+
+def test_media_roots_default_to_the_catalogs_own_folder(tmp_path):
+    from transforms.media import default_root
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "a.parquet").write_bytes(b"")
+    assert default_root(str(tmp_path / "cat")) == str(tmp_path / "cat")
+    assert default_root(str(tmp_path / "cat" / "a.parquet")) == str(tmp_path / "cat")
+    assert default_root(str(tmp_path / "cat" / "*.parquet")) == str(tmp_path / "cat")
+    assert default_root("gs://bucket/in/catalog") == "gs://bucket/in/catalog"
+    assert default_root("gs://bucket/in/catalog/part-0.parquet") == "gs://bucket/in/catalog"

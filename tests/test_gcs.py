@@ -57,7 +57,8 @@ def gcs(tmp_path_factory):
 def gcs_run(gcs, demo, demo_night):
     """One night with inputs, media and output on gs://, and the same night on local disk."""
     gcs.put(str(demo["root"]), f"{BUCKET}/in", recursive=True)  # catalog, interactions, media (relative URIs)
-    remote = {"catalog": f"gs://{BUCKET}/in/catalog", "interactions": f"gs://{BUCKET}/in/interactions"}
+    remote = {"catalog": f"gs://{BUCKET}/in/catalog", "interactions": f"gs://{BUCKET}/in/interactions",
+              "media": f"gs://{BUCKET}/in/media"}
     root = f"gs://{BUCKET}/out"
     assert nightly.main(nightly_args(remote, root)) == 0
     return remote, root, demo_night

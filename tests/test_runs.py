@@ -1,6 +1,14 @@
-"""Dated run folders: complete only with _SUCCESS, replaced whole on rerun, found by date."""
+"""Dated run folders: complete only with _SUCCESS, replaced whole on rerun, found by date, one run per date."""
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
+from transforms.contract import ContractError
 from transforms.runs import RunFolder, is_complete, latest_complete
 
 
@@ -41,5 +49,54 @@ def test_stale_staging_of_the_same_date_is_cleared(tmp_path):
     _stage(old, {"a.parquet": "x"})
     _stage(other_date, {"a.parquet": "x"})
     new = RunFolder(str(tmp_path), "2026-11-02")
-    new.clear_stale_staging()
+    new.acquire()
+    new.recover()
     assert not Path(old.staging).exists() and Path(other_date.staging).exists()
+    assert sorted(p.name for p in (tmp_path / "_staging" / "2026-11-02").iterdir()) == ["_LOCK"]
+
+
+def test_a_journaled_commit_cut_short_is_finished_by_the_next_run(tmp_path):
+    first = RunFolder(str(tmp_path), "2026-11-02")
+    _stage(first, {"items/part-0.parquet": "old"})
+    first.commit({})
+    cut = RunFolder(str(tmp_path), "2026-11-02")
+    _stage(cut, {"items/part-0.parquet": "new", "users/part-0.parquet": "new"})
+    Path(cut.staging + ".ready").write_text(json.dumps(["items/part-0.parquet", "users/part-0.parquet"]))
+    (tmp_path / "2026-11-02" / "_SUCCESS").unlink()  # killed after the journal, before the move
+    nxt = RunFolder(str(tmp_path), "2026-11-02")
+    nxt.acquire()
+    nxt.recover()
+    night = tmp_path / "2026-11-02"
+    assert (night / "_SUCCESS").read_text().strip() == cut.run_id
+    assert (night / "items" / "part-0.parquet").read_text() == "new" and (night / "users" / "part-0.parquet").exists()
+
+
+def test_one_run_per_date(tmp_path):
+    a, b = RunFolder(str(tmp_path), "2026-11-02"), RunFolder(str(tmp_path), "2026-11-02")
+    a.acquire()
+    with pytest.raises(ContractError, match=f"2026-11-02 is being written into {tmp_path} by another run "
+                                            f"\\(run {a.run_id}, pid {os.getpid()}"):
+        b.acquire()
+    RunFolder(str(tmp_path), "2026-11-03").acquire()  # another date is free
+    a.release()
+    b.acquire()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / "_staging" / "2026-11-02" / "_LOCK"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"run_id": "gone", "host": socket.gethostname(), "pid": int(dead.stdout)}))
+    RunFolder(str(tmp_path), "2026-11-02").acquire()
+    lock.write_text(json.dumps({"run_id": "elsewhere", "host": "another-host", "pid": 1}))
+    with pytest.raises(ContractError, match="run elsewhere"):  # not provably dead: left alone
+        RunFolder(str(tmp_path), "2026-11-02").acquire()
+
+
+def test_commit_refuses_when_a_written_file_is_missing(tmp_path):
+    run = RunFolder(str(tmp_path), "2026-11-02")
+    _stage(run, {"items/part-0.parquet": "x"})
+    with pytest.raises(RuntimeError, match="missing from staging"):
+        run.commit({}, [str(Path(run.staging) / "items" / "part-0.parquet"),
+                        str(Path(run.staging) / "users" / "part-0.parquet")])
+    assert not (tmp_path / "2026-11-02" / "_SUCCESS").exists()

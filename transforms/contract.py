@@ -180,5 +180,7 @@ def interaction(row: dict, spec: InteractionColumns, not_after: dt.datetime) -> 
     weight = _typed(row, spec.weight, (int, float), "a number")
     if weight is not None and (isinstance(weight, bool) or not math.isfinite(weight)):
         raise Invalid("bad_weight", f"{spec.weight}={weight!r} is not a finite number")
+    if weight is not None and weight < 0:  # a user vector is a weighted mean of what the user took
+        raise Invalid("bad_weight", f"{spec.weight}={weight!r} is negative")
     return {"user_id": user_id, "item_id": item_id, "timestamp": int(when.timestamp()),
             "event": event, "weight": None if weight is None else float(weight)}

@@ -1,5 +1,15 @@
-"""Fetch media that the catalog names by URI, so later steps see bytes whether inline or referenced."""
+"""Fetch media that the catalog names by URI, so later steps see bytes whether inline or referenced.
+
+A catalog is data from outside, and a URI in it could name any file the worker can read. Media are read
+only under the media roots (``--media_roots``; by default the catalog's own folder), after resolving the
+real path (symlinks and ``..`` included), and only from regular files: a FIFO or a device could block a
+worker forever or stream without end.
+"""
 from __future__ import annotations
+
+import os
+import posixpath
+import stat
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -7,31 +17,85 @@ from apache_beam.io.filesystems import FileSystems
 from transforms.deadletter import DEAD, dead_letter
 
 
-class _TooLarge(ValueError):
-    pass
+class _Refused(ValueError):
+    def __init__(self, error: str, message: str):
+        super().__init__(message)
+        self.error = error
 
 
-def _read(uri: str, limit: int) -> bytes:
-    with FileSystems.open(uri, compression_type="uncompressed") as f:
-        data = f.read(limit + 1)
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _local(path: str) -> str:
+    return os.path.realpath(path[len("file://"):] if path.startswith("file://") else path)
+
+
+def roots(paths) -> tuple[str, ...]:
+    """Media roots as compared: local ones as real paths, others normalised, each ending with a separator."""
+    out = []
+    for path in paths:
+        if _is_local(path):
+            out.append(os.path.join(_local(path), ""))
+        else:
+            scheme, rest = path.split("://", 1)
+            out.append(f"{scheme}://{posixpath.normpath(rest).strip('/')}/")
+    return tuple(out)
+
+
+def default_root(catalog: str) -> str:
+    """The catalog's own folder: the path itself when it is a folder, else the folder of the file, or of the
+    glob's first wildcard."""
+    head = catalog
+    for i, c in enumerate(catalog):
+        if c in "*?[":
+            return posixpath.dirname(catalog[:i])
+    if _is_local(head):
+        return head if os.path.isdir(_local(head)) else os.path.dirname(_local(head))
+    return head if not head.endswith(".parquet") else posixpath.dirname(head)
+
+
+def _read(uri: str, limit: int, allowed: tuple[str, ...]) -> bytes:
+    """The bytes of a regular file under ``allowed``, at most ``limit``; raises _Refused or OSError."""
+    if not _is_local(uri):
+        scheme, rest = uri.split("://", 1)
+        name = f"{scheme}://{posixpath.normpath(rest)}"
+        if not name.startswith(allowed):
+            raise _Refused("media_outside_roots", "is outside --media_roots")
+        if not FileSystems.exists(name):
+            raise FileNotFoundError("file not found")
+        with FileSystems.open(name, compression_type="uncompressed") as f:
+            data = f.read(limit + 1)
+    else:
+        real = _local(uri)
+        if not real.startswith(allowed):
+            raise _Refused("media_outside_roots", "is outside --media_roots")
+        # Opened without blocking (a FIFO would wait for a writer) and checked on the open file itself.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _Refused("not_a_regular_file", "is not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
     if len(data) > limit:
-        raise _TooLarge(f"larger than --max_media_bytes={limit}")
+        raise _Refused("media_too_large", f"is larger than --max_media_bytes={limit}")
     return data
 
 
 class FetchMedia(beam.PTransform):
     """Keyed items -> the same items with ``<kind>`` bytes read from ``<kind>_uri``.
 
-    A missing, unreadable or too large file, or inline bytes over the size limit, dead-letter that modality
-    (stage ``media:<kind>``); the item goes on without it, keeping its other modalities.
+    A missing, unreadable or too large file, one outside ``media_roots`` or not a regular file, and inline
+    bytes over the size limit dead-letter that modality (stage ``media:<kind>``); the item goes on without
+    it, keeping its other modalities.
     """
 
-    def __init__(self, kind: str, max_bytes: int):
+    def __init__(self, kind: str, max_bytes: int, media_roots):
         super().__init__()
-        self._kind, self._max_bytes = kind, max_bytes
+        self._kind, self._max_bytes, self._roots = kind, max_bytes, roots(media_roots)
 
     def expand(self, items):
-        kind, limit = self._kind, self._max_bytes
+        kind, limit, allowed = self._kind, self._max_bytes, self._roots
         stage = f"media:{kind}"
         uri_key = f"{kind}_uri"
 
@@ -44,16 +108,18 @@ class FetchMedia(beam.PTransform):
             item = dict(item)
             try:
                 if uri is None:
-                    raise _TooLarge(f"{len(inline)} bytes, larger than --max_media_bytes={limit}")
-                if not FileSystems.exists(uri):
-                    raise FileNotFoundError("file not found")
-                item[kind] = _read(uri, limit)
-            except (OSError, ValueError) as e:
-                error = ("missing_media" if isinstance(e, FileNotFoundError)
-                         else "media_too_large" if isinstance(e, _TooLarge) else "unreadable_media")
+                    raise _Refused("media_too_large", f"is {len(inline)} bytes, larger than "
+                                                      f"--max_media_bytes={limit}")
+                item[kind] = _read(uri, limit, allowed)
+            except (OSError, _Refused) as e:
+                if isinstance(e, _Refused):
+                    error, what = e.error, f"{uri or '(inline bytes)'} {e}"
+                elif isinstance(e, FileNotFoundError):
+                    error, what = "missing_media", f"{uri}: file not found"
+                else:
+                    error, what = "unreadable_media", f"{uri}: {e.strerror or type(e).__name__}"
                 yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
-                    stage, item_id, error, f"{kind} {uri or '(inline bytes)'}: {e}; the item goes on without its "
-                    f"{kind}", item["source"]))
+                    stage, item_id, error, f"{kind} {what}; the item goes on without its {kind}", item["source"]))
                 item[kind] = item[uri_key] = None
             yield item_id, item
 

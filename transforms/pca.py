@@ -4,7 +4,6 @@ tf.Transform writes with ``tf.io.gfile``: local paths and, where TensorFlow has 
 from __future__ import annotations
 
 import posixpath
-import tempfile
 
 import apache_beam as beam
 import numpy as np
@@ -16,10 +15,9 @@ class FitPca(beam.PTransform):
     """Embeddings rows -> one ``transform_fn`` per modality under ``folder/<modality>``, fitted on the items
     that have that modality (tft.pca needs dense input). Yields each written folder, once written."""
 
-    def __init__(self, modalities: dict[str, int], dim: int, folder: str, temp_dir: str | None = None):
+    def __init__(self, modalities: dict[str, int], dim: int, folder: str, temp_dir: str):
         super().__init__()
-        self._modalities, self._dim, self._folder = modalities, dim, folder
-        self._temp_dir = temp_dir or tempfile.mkdtemp(prefix="mmfuse-tft-")
+        self._modalities, self._dim, self._folder, self._temp_dir = modalities, dim, folder, temp_dir
 
     def expand(self, rows):
         import tensorflow_transform.beam as tft_beam

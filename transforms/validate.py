@@ -7,6 +7,7 @@ import apache_beam as beam
 
 from transforms import contract
 from transforms.deadletter import DEAD, dead_letter
+from transforms.privacy import pseudonym
 
 _OLDEST = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
 
@@ -70,28 +71,35 @@ class ValidateInteractions(beam.PTransform):
     """``(source, row)`` -> interactions whose user, item and time are valid and whose item is in the catalog.
 
     Timestamps after the end of the run date are refused: they are clock errors, and taking them would
-    make a rerun of an old date see the future.
+    make a rerun of an old date see the future. With ``pseudonym_key``, every user id (of events and of dead
+    letters) is replaced by its pseudonym here, before anything is written.
     """
 
     STAGE = "interactions"
 
-    def __init__(self, spec: contract.InteractionColumns, run_date: str, item_ids):
+    def __init__(self, spec: contract.InteractionColumns, run_date: str, item_ids,
+                 pseudonym_key: bytes | None = None):
         super().__init__()
-        self._spec, self._item_ids = spec, item_ids
+        self._spec, self._item_ids, self._key = spec, item_ids, pseudonym_key
         self._not_after = dt.datetime.combine(dt.date.fromisoformat(run_date), dt.time.max, dt.timezone.utc)
 
     def expand(self, rows):
-        spec, stage, not_after = self._spec, self.STAGE, self._not_after
+        spec, stage, not_after, key = self._spec, self.STAGE, self._not_after, self._key
 
         def check(element):
             source, row = element
             try:
                 event = contract.interaction(row, spec, not_after)
             except contract.Invalid as e:
-                user = row.get(spec.user_id)
-                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
-                    stage, user if isinstance(user, str) else None, e.error, str(e), source))
+                user, message = row.get(spec.user_id), str(e)
+                user = str(user) if isinstance(user, (str, int)) and not isinstance(user, bool) else None
+                if key is not None and user is not None:
+                    hidden = pseudonym(key, user)
+                    message, user = message.replace(repr(row.get(spec.user_id)), hidden).replace(user, hidden), hidden
+                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(stage, user, e.error, message, source))
                 return
+            if key is not None:
+                event["user_id"] = pseudonym(key, event["user_id"])
             yield event["item_id"], (source, event)
 
         def join(element):
