@@ -75,11 +75,13 @@ def encoder_factory(options: PipelineOptions, modality: str):
 
 def check_custom_encoders(options: PipelineOptions) -> None:
     """Before anything runs: known modalities, SavedModels only when trusted, pinned digests matching."""
-    from models.custom import is_saved_model
     custom = o.custom_encoders(options)
     unknown = set(custom) - set(MODALITIES)
     if unknown:
         raise ContractError(f"--custom_encoders: unknown modalities {sorted(unknown)}; known: {list(MODALITIES)}")
+    if not custom:
+        return
+    from models.custom import is_saved_model  # loads Keras: only when there are custom models
     for modality, (path, _) in custom.items():
         if is_saved_model(path) and not options.view_as(o.EncodeOptions).trust_custom_models:
             raise ContractError(f"--custom_encoders: {modality}={path} is a SavedModel, whose graph can read and "
