@@ -59,12 +59,12 @@ def movielens_night(tmp_path_factory) -> dict:
     return {"paths": paths, "out": out, "first": movielens_run(paths, out, "2026-11-25")}
 
 
-def movielens_run(paths: dict, out: Path, date: str, catalog=None) -> Path:
+def movielens_run(paths: dict, out: Path, date: str, catalog=None, media=()) -> Path:
     from pipelines import nightly
     # The first night fits the alignment for one epoch (its quality is pipelines/evaluate.py's business);
     # the next night reuses that artifact, as a nightly schedule with --refit=never|weekly does.
     assert nightly.main([f"--catalog={catalog or paths['catalog']}", f"--interactions={paths['interactions']}",
-                         f"--media_roots={paths['media']}",
+                         f"--media_roots={','.join(map(str, [paths['media'], *media]))}",
                          f"--output={out}", f"--run_date={date}", "--align_epochs=1", "--refit=never"]) == 0
     return out / date
 

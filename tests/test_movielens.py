@@ -54,7 +54,7 @@ def test_movielens_nights(movielens_night, tmp_path):
             r["image_uri"] = str(mirrored)
     edited = tmp_path / "edited.parquet"
     pq.write_table(pa.Table.from_pylist(catalog, schema=pq.read_schema(paths["catalog"])), edited)
-    second_dir = movielens_run(paths, out, "2026-11-26", catalog=edited)
+    second_dir = movielens_run(paths, out, "2026-11-26", catalog=edited, media=[tmp_path / "posters"])
     second = metrics(second_dir)
     assert second["alignment"]["reused_from"] == str(first / "alignment")
     assert second["modalities"]["text"] == {"encoded": 10, "reused": 9732, "dead": 0}
