@@ -317,11 +317,12 @@ class HashIndex:
 
 @njit(cache=True, nogil=True)
 def _hash_table(hashes, bits):  # pragma: no cover - compiled
-    """Slots of 2**bits holding a row (or -1), each row at the first free slot from its hash's high bits."""
+    """Slots of 2**bits holding a row (or -1), each row at the first free slot from its hash's low bits (a
+    shard's ids share their high bits, which pick its buckets)."""
     table = np.full(1 << bits, -1, dtype=np.int64)
     mask = (1 << bits) - 1
     for row in range(hashes.shape[0]):
-        slot = np.int64(hashes[row] >> np.uint64(64 - bits))
+        slot = np.int64(hashes[row] & np.uint64(mask))
         while table[slot] >= 0:
             slot = (slot + 1) & mask
         table[slot] = row
@@ -335,7 +336,7 @@ def _probe(table, hashes, bits, wanted_hashes):  # pragma: no cover - compiled
     mask = (1 << bits) - 1
     for i in range(wanted_hashes.shape[0]):
         h = wanted_hashes[i]
-        slot = np.int64(h >> np.uint64(64 - bits))
+        slot = np.int64(h & np.uint64(mask))
         while table[slot] >= 0:
             if hashes[table[slot]] == h:
                 out[i] = table[slot]

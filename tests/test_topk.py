@@ -84,6 +84,19 @@ def test_hash_index_is_exact_when_hashes_collide():
         assert rows[found].tolist() == [2, 0, 3, 3]
 
 
+def test_hash_index_stays_shallow_for_one_shards_ids():
+    """A shard holds a narrow range of buckets (the hashes' high bits), so its table must place ids by other
+    bits: placed by the high bits, one of 8 shards crowds into an eighth of the table and every probe walks a
+    run as long as the shard (a 10^6-item night spent most of its hours there)."""
+    ids = topk.utf8([f"item{i}" for i in range(400_000)])
+    hashes = topk.mixed_hash(ids)
+    mine = topk.bucket(hashes, sharded.BUCKETS) < sharded.BUCKETS // 8
+    index = topk.HashIndex(ids[mine], hashes[mine])
+    slots = np.flatnonzero(index.table >= 0)
+    home = (hashes[mine][index.table[slots]] & np.uint64(len(index.table) - 1)).astype(np.int64)
+    assert len(slots) == mine.sum() and ((slots - home) % len(index.table)).max() < 100
+
+
 def test_utf8_ids_keep_their_order_and_round_trip():
     ids = np.array(["b", "a1", "é", "𝒾", "z", "", "ïx"])
     for raw in (topk.utf8(ids), topk.utf8(ids[[1, 4]])):  # the ASCII path and the UTF-8 one
