@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO := demo
 DEMO_FLAGS = --vector_columns=features:16 --media_roots=$(DEMO)/data/media
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,12 @@ demo: install
 		--output=$(DEMO)/output $(DEMO_FLAGS)
 	@echo "outputs: $(DEMO)/output/<date>/ (datasets as Parquet, metrics.json, _SUCCESS)"
 
-# The whole suite, slow end-to-end tests included (CI runs exactly this). pytest's exit 5 (nothing ran)
-# fails like any other non-zero exit.
-test: $(VENV)/.installed-test
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+
+# Lint, then the whole suite, slow end-to-end tests included (CI runs exactly this). pytest's exit 5
+# (nothing ran) fails like any other non-zero exit.
+test: lint
 	$(BIN)/python -m pytest
 
 test-fast: $(VENV)/.installed-test
@@ -47,6 +50,10 @@ bench: install $(VENV)-bench/.installed
 	$(BIN)/python -m bench.encoders
 	$(BIN)/python -m bench.topk
 	$(BIN)/python -m bench.scale
+
+# docs/options.md is every stage's --help (a test fails when it is stale).
+docs: install
+	$(BIN)/python -m pipelines.helpdoc > docs/options.md
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -15,7 +15,7 @@ from setuptools.command.build import build
 HERE = Path(__file__).resolve().parent
 WEIGHTS = HERE / "requirements-weights.txt"
 
-# Versions that co-install on Python 3.11 (../shared/docs/RUNNERS.md).
+# Versions that co-install on Python 3.11 (checked together: see docs/deployment.md).
 REQUIRES = [
     "apache-beam[gcp]==2.77.0",
     "tensorflow==2.21.0",
@@ -69,7 +69,7 @@ setuptools.setup(
     extras_require={
         # `mmfuse evaluate`: the tuned matrix-factorisation baseline
         "evaluate": ["implicit==0.7.3"],
-        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "gcp-storage-emulator==2026.7.19",
+        "test": ["ruff==0.17.6", "pytest==9.2.0", "pytest-timeout==2.4.0", "gcp-storage-emulator==2026.7.19",
                  "scikit-learn==1.9.1", "implicit==0.7.3"],
     },
     entry_points={"console_scripts": ["mmfuse=pipelines.cli:main"]},

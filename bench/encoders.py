@@ -2,7 +2,7 @@
 
     python -m bench.encoders [--quick] [--modalities text,image,audio_mfcc,audio_musicnn] [--repeats 3]
 
-Speed targets live here, not in timed tests (issue 3, bar 5): pipeline/bare >= 0.8 and ours/peer >= 1.0.
+Speed targets live here, not in timed tests: pipeline/bare >= 0.8 and ours/peer >= 1.0.
 Every measurement runs in its own subprocess, so each peak memory (ru_maxrss, from wait4) is that
 measurement's alone. This 2-core machine is shared and noisy, so ours, the pipeline and the peers run
 interleaved, ``--repeats`` times, and the best of each is kept. A full run writes
@@ -28,8 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from examples import datasets
+
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
+DATA = datasets.root()
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 RESULTS = ROOT / "bench" / "results"
 RUN_DATE = "2026-01-01"
@@ -47,7 +49,7 @@ SCHEMA = {"item_id": pa.string(), "title": pa.string(), "description": pa.string
 def source_rows(work: Path) -> tuple[dict[str, list[dict]], str]:
     """Catalog rows per source (text, image, audio) with absolute media paths, and where they came from.
 
-    Real data from ../shared/data when present; otherwise the generated demo items (say so in the table).
+    Real data from ``examples.datasets.root()`` when present; otherwise the generated demo items (say so in the table).
     """
     from transforms.contract import resolve_uri
 

@@ -1,13 +1,13 @@
 """Nearest-neighbour accuracy of the audio embeddings on the Free Spoken Digit Dataset (FSDD).
 
 No dataset here pairs audio with interactions, so the audio encoders are checked on a labelled task
-instead (docs/EVALUATION.md, "Audio"): on FSDD's official split (recordings numbered 0..4 are test),
+instead (docs/evaluation.md, "Audio"): on FSDD's official split (recordings numbered 0..4 are test),
 how often does a test file's nearest training file say the same digit, and the same speaker?
 
-    python -m examples.fsdd_eval [--fsdd ../shared/data/fsdd] [--encoders audio_mfcc,audio_musicnn]
-                                 [--readme README.md] [--limit N]
+    python -m examples.fsdd_eval [--fsdd PATH/TO/fsdd] [--encoders audio_mfcc,audio_musicnn]
+                                 [--doc docs/evaluation.md] [--limit N]
 
-Without --limit it rewrites the README section between the fsdd-results markers.
+Without --limit it rewrites the section of docs/evaluation.md between the fsdd-results markers.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from examples.readme import replace_section
+from examples import datasets
+from examples.sections import replace_section
 from models.audio import MfccAudioEncoder, MusicnnAudioEncoder
 
 ENCODERS = {"audio_mfcc": MfccAudioEncoder, "audio_musicnn": MusicnnAudioEncoder}
@@ -101,7 +102,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def write_readme(readme: Path, results: list[dict], n_train: int, n_test: int) -> None:
+def write_results(doc: Path, results: list[dict], n_train: int, n_test: int) -> None:
     """Replace the text between the fsdd-results markers, keeping the markers."""
     command = shlex.join(["python", "-m", "examples.fsdd_eval", *sys.argv[1:]])
     body = (f"Official split ({n_test} test recordings numbered 0-4, {n_train} training): each embedding "
@@ -110,18 +111,18 @@ def write_readme(readme: Path, results: list[dict], n_train: int, n_test: int) -
             f"{table(results)}\n\n"
             f"Produced by `{command}` on {datetime.date.today().isoformat()} "
             f"(items/s: decoding and encoding, {os.cpu_count()} shared CPU cores, model load excluded).")
-    replace_section(readme, "fsdd-results", body)
+    replace_section(doc, "fsdd-results", body)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fsdd", default="../shared/data/fsdd", help="FSDD folder holding recordings/")
+    parser.add_argument("--fsdd", help="FSDD folder holding recordings/ (default: $MMFUSE_DATA/fsdd)")
     parser.add_argument("--encoders", default=",".join(ENCODERS), help="comma-separated, of: " + ", ".join(ENCODERS))
-    parser.add_argument("--readme", default="README.md", help="README whose fsdd-results section is rewritten")
-    parser.add_argument("--limit", type=int, help="quick check: N files per split; the README is left alone")
+    parser.add_argument("--doc", default="docs/evaluation.md", help="whose fsdd-results section is rewritten")
+    parser.add_argument("--limit", type=int, help="quick check: N files per split; the doc is left alone")
     args = parser.parse_args(argv)
 
-    recordings = Path(args.fsdd) / "recordings"
+    recordings = Path(args.fsdd or datasets.root() / "fsdd") / "recordings"
     if not recordings.is_dir() or not any(recordings.glob("*.wav")):
         sys.exit(f"no FSDD recordings under {recordings}: pass --fsdd FOLDER (the dataset's checkout)")
     names = [n.strip() for n in args.encoders.split(",") if n.strip()]
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     results = [evaluate(n, train_files, test_files) for n in names]
     print(table(results))
     if not args.limit:
-        write_readme(Path(args.readme), results, len(train_files), len(test_files))
-        print(f"wrote {args.readme}", file=sys.stderr)
+        write_results(Path(args.doc), results, len(train_files), len(test_files))
+        print(f"wrote {args.doc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Writes a catalog (one row per movie: title, genres as description, user tags,
 poster path) and an interactions table (one "rating" event per user rating),
 so the pipeline can run end to end on a public dataset with real images.
 
-    python -m examples.movielens --movielens ../shared/data/movielens --out DIR
+    python -m examples.movielens --movielens PATH/TO/movielens --out DIR
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
 import pyarrow.parquet as pq
+
+from examples import datasets
 
 CATALOG_SCHEMA = pa.schema([
     ("item_id", pa.string()),
@@ -97,8 +99,8 @@ def convert(movielens_dir: str | Path, out_dir: str | Path,
         catalog = catalog.filter(pc.is_valid(catalog["image_uri"]))
         ratings = ratings.filter(pc.is_in(
             pc.cast(ratings["movieId"], pa.string()), value_set=catalog["item_id"]))
-    # Otherwise every rating is kept, even the shared ratings.csv's orphan row (movieId 999999, not in
-    # movies.csv): judging it is the pipeline's job, which dead-letters it as an unknown item.
+    # Otherwise every rating is kept, even an orphan row (a movieId that movies.csv lacks, as 999999 in the
+    # copy the tests read): judging it is the pipeline's job, which dead-letters it as an unknown item.
     ratings = ratings.sort_by([("userId", "ascending"), ("timestamp", "ascending"),
                                ("movieId", "ascending")])
     interactions = pa.table({
@@ -119,13 +121,13 @@ def convert(movielens_dir: str | Path, out_dir: str | Path,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--movielens", default="../shared/data/movielens",
-                        help="folder holding ml-latest-small/ and posters/")
+    parser.add_argument("--movielens", help="folder holding ml-latest-small/ and posters/ "
+                                            "(default: $MMFUSE_DATA/movielens)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--posters_only", action="store_true",
                         help="keep only movies with a poster, and their ratings")
     args = parser.parse_args(argv)
-    paths = convert(args.movielens, args.out, args.posters_only)
+    paths = convert(args.movielens or datasets.root() / "movielens", args.out, args.posters_only)
     for name in ("catalog", "interactions"):
         print(f"{name}: {paths[name]} ({pq.read_metadata(paths[name]).num_rows} rows)")
     print(f"media: {paths['media']} (pass --media_roots={paths['media']} to the jobs)")

@@ -1,10 +1,11 @@
-"""The README's MovieLens results table, in one command: convert, encode, evaluate every method.
+"""The MovieLens results table of docs/evaluation.md, in one command: convert, encode, evaluate every method.
 
-    python -m examples.movielens_eval [--movielens ../shared/data/movielens] [--work DIR] [--methods ...]
+    python -m examples.movielens_eval [--movielens PATH/TO/movielens] [--work DIR] [--methods ...]
 
-Follows ../shared/docs/EVALUATION.md: the 2,947 movies with posters, text "title | genres | tags" and the
+Follows docs/evaluation.md: the 2,947 movies with posters, text "title | genres | tags" and the
 poster, warm (temporal) and cold-item splits. The encode run is kept under --work and reused when complete.
-Rewrites the README section between the movielens-results markers and writes evaluation.json/.md to --work.
+Rewrites the section of docs/evaluation.md between the movielens-results markers and writes
+evaluation.json/.md to --work.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from examples import movielens
-from examples.readme import replace_section
+from examples import datasets, movielens
+from examples.sections import replace_section
 from pipelines import encode, evaluate
 from transforms.runs import is_complete
 
@@ -25,13 +26,13 @@ RUN_DATE = "2026-01-01"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--movielens", default="../shared/data/movielens", help="holds ml-latest-small/ and posters/")
+    parser.add_argument("--movielens", help="holds ml-latest-small/ and posters/ (default: $MMFUSE_DATA/movielens)")
     parser.add_argument("--work", default="demo/movielens-eval", help="where the converted data and runs go")
     parser.add_argument("--methods", default=",".join(evaluate.METHODS))
-    parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--doc", default="docs/evaluation.md", help="whose movielens-results section is rewritten")
     args = parser.parse_args(argv)
     work = Path(args.work)
-    paths = movielens.convert(args.movielens, work / "data", posters_only=True)
+    paths = movielens.convert(args.movielens or datasets.root() / "movielens", work / "data", posters_only=True)
     run = work / "run" / RUN_DATE
     if not is_complete(str(run)):
         assert encode.main([f"--catalog={paths['catalog']}", f"--output={work / 'run'}", f"--run_date={RUN_DATE}",
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         body = ((work / "evaluation.md").read_text()
                 + f"\nProduced by `{command}` on {datetime.date.today().isoformat()} ({os.cpu_count()} shared CPU "
                   "cores; s = fit and scoring seconds, both splits). R = Recall, N = NDCG (binary relevance).")
-        replace_section(Path(args.readme), "movielens-results", body)
+        replace_section(Path(args.doc), "movielens-results", body)
     return code
 
 

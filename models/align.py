@@ -3,13 +3,14 @@
 Each content modality gets a projection head (z-score, then linear or a small MLP) into ``dim``; the
 collaborative modality (``cf``) is a closed-form vector from interactions (``models.collaborative``), fixed
 while the heads learn and given to the model as an input, so the model's size does not depend on the
-catalogue; items without interactions have none. Fusion weights the unit-length aligned vectors of the modalities an item has (mean, fixed
-weights, or a learned gate) and renormalises. Training combines two InfoNCE losses with in-batch
-negatives: CLIP-style between every pair of modalities an item has, and between a user's history (the mean
-of the fused vectors of earlier items, which is how user vectors are made downstream) and the item that
-came next. Modalities are dropped at random while training, so an item missing one still lands in the
-same space. What was tuned by hand on one data set (the cf popularity tilt, the fusion) is chosen on the
-fit's own validation split. Only ``keras.ops``: it runs on any Keras backend. Nothing here knows about Beam.
+catalogue; items without interactions have none. Fusion weights the unit-length aligned vectors of the
+modalities an item has (mean, fixed weights, or a learned gate) and renormalises. Training combines two
+InfoNCE losses with in-batch negatives: CLIP-style between every pair of modalities an item has, and between a
+user's history (the mean of the fused vectors of earlier items, which is how user vectors are made downstream)
+and the item that came next. Modalities are dropped at random while training, so an item missing one still
+lands in the same space. What was tuned by hand on one data set (the cf popularity tilt, the fusion) is chosen
+on the fit's own validation split. Only ``keras.ops``: it runs on any Keras backend. Nothing here knows about
+Beam.
 """
 from __future__ import annotations
 
@@ -26,38 +27,14 @@ from keras import layers, ops
 
 from models import collaborative
 from models import evaluation as ev
+from models.fusion import CONFIG_FILE, fixed_logits, fuse  # noqa: F401 - part of this module's interface
 
 CF = "cf"  # name of the collaborative modality
 _ANCHORS = collaborative.ANCHORS  # the config's field "collaborative" hides the module inside the class body
-MODEL_FILE, CONFIG_FILE = "alignment.keras", "alignment.json"
+MODEL_FILE = "alignment.keras"
 FORMAT = 2  # artifacts of another format are refitted, never reused (format 1 held a learned cf table)
 PAD_ITEMS = 256
 KIND = "contrastive"
-
-
-def fuse(aligned, mask, logits):
-    """Fuse (n, m, d) unit vectors over the present modalities (mask (n, m) of 0/1) with softmax(logits).
-
-    Returns (fused (n, d) unit vectors, weights (n, m) summing to 1 over present modalities, parts (n, m, d)
-    with sum over m == fused): part_m = w_m * aligned_m / |sum_k w_k * aligned_k|, so a score against the
-    fused vector splits exactly into per-modality contributions. Items with no modality get zeros.
-    """
-    logits = ops.where(mask > 0, logits, -1e9)
-    weights = ops.exp(logits - ops.max(logits, axis=-1, keepdims=True)) * mask  # softmax over present ones
-    weights = weights / ops.maximum(ops.sum(weights, axis=-1, keepdims=True), 1e-12)
-    raw = ops.sum(weights[..., None] * aligned, axis=1)
-    norm = ops.maximum(ops.sqrt(ops.sum(raw * raw, axis=-1, keepdims=True)), 1e-12)
-    return raw / norm, weights, weights[..., None] * aligned / norm[:, None, :]
-
-
-def fixed_logits(modalities: Sequence[str], fusion: str, fusion_weights: Mapping[str, float]) -> np.ndarray:
-    """Logits of the mean (all zero) or weighted fusion (log of each weight; 0 weight -> never used)."""
-    if fusion == "mean":
-        return np.zeros(len(modalities), np.float32)
-    missing = set(modalities) - set(fusion_weights)
-    if missing:
-        raise ValueError(f"--fusion_weights has no weight for {sorted(missing)}")
-    return np.log(np.maximum([float(fusion_weights[m]) for m in modalities], 1e-30)).astype(np.float32)
 
 
 @keras.saving.register_keras_serializable("mmfuse")

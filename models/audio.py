@@ -6,7 +6,6 @@ evenly spaced windows before it is resampled, so a one-hour file costs what 30 s
 from __future__ import annotations
 
 import functools
-
 import io
 from pathlib import Path
 from typing import Sequence
@@ -36,25 +35,30 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-def decode_audio(data: bytes, sr: int = 16000, max_windows: int = 10, window_s: float = 3.0) -> np.ndarray:
-    """Decode WAV/AIFF/FLAC/OGG/MP3 bytes to float32 mono at ``sr``, at least ``window_s`` long (zero-padded).
+def decode_audio(data, sr: int = 16000, max_windows: int = 10, window_s: float = 3.0) -> np.ndarray:
+    """Decode WAV/AIFF/FLAC/OGG/MP3 (bytes, or a seekable binary file) to float32 mono at ``sr``, at least
+    ``window_s`` long (zero-padded).
 
     A clip longer than ``max_windows * window_s`` keeps only ``max_windows`` evenly spaced windows of
-    ``window_s``, concatenated; only those frames are read (seek) and resampled, so the cost is bounded.
-    Silence is valid; raises InputError "empty_audio", "unsupported_format" or "corrupt_audio".
+    ``window_s``, concatenated; only those frames are read (seek) and resampled, so the cost is bounded and
+    a file is never read whole. Silence is valid; raises InputError "empty_audio", "unsupported_format" or
+    "corrupt_audio".
     """
-    if not data:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = io.BytesIO(data)
+    elif not all(hasattr(data, a) for a in ("read", "seek", "tell")):
+        raise InputError("unsupported_format", f"expected audio bytes or a file, got {type(data).__name__}")
+    head, size = data.read(512), data.seek(0, io.SEEK_END)
+    data.seek(0)
+    if not head:
         raise InputError("empty_audio", "no audio bytes")
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InputError("unsupported_format", f"expected audio bytes, got {type(data).__name__}")
-    fmt = _sniff(data)
+    fmt = _sniff(head)
     if fmt is None:
-        raise InputError("unsupported_format", f"not WAV/AIFF/FLAC/OGG/MP3 ({len(data)} bytes: "
-                                               f"{describe_bytes(data)})")
+        raise InputError("unsupported_format", f"not WAV/AIFF/FLAC/OGG/MP3 ({size} bytes: {describe_bytes(head)})")
     if fmt not in sf.available_formats():
         raise InputError("unsupported_format", f"libsndfile {sf.__libsndfile_version__} cannot decode {fmt}")
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
+        with sf.SoundFile(data) as f:
             native, win = f.samplerate, int(round(window_s * f.samplerate))
             if f.frames > max_windows * win:
                 chunks = []

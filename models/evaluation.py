@@ -1,4 +1,4 @@
-"""The evaluation protocol of ``../shared/docs/EVALUATION.md``, so every reported number is comparable.
+"""The evaluation protocol of ``docs/evaluation.md``, so every reported number is comparable.
 
 Warm split: per user, the last 20% of interactions by time is test; tuning uses the last 10% of each
 user's training interactions, never test. Every item of the catalogue is ranked (no sampled negatives),

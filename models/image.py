@@ -7,7 +7,6 @@ BatchNorm eps 1e-5, ReLU6. Only ``keras.layers`` are used, so it runs on the Ten
 from __future__ import annotations
 
 import functools
-
 import io
 import warnings
 from typing import Sequence

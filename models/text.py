@@ -116,7 +116,7 @@ class MiniLM(keras.Model):
         position ids and the pooler, which sentence embeddings do not use)."""
         tensors = load_file(str(path))
         for layer, names in self.hf_layers():
-            def pop(kind):
+            def pop(kind, names=names):
                 return np.concatenate([tensors.pop(f"{name}.{kind}") for name in names])
 
             weights = [pop("weight")]

@@ -35,10 +35,9 @@ from apache_beam.ml.inference.base import ModelHandler, ModelMetadata, RunInfere
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models import evaluation as ev
-from models.collaborative import ANCHORS, SOLVER_FILE, TABLE_FILE, CfTable
+from models.collaborative import SOLVER_FILE, TABLE_FILE, CfTable
+from pipelines.config import AlignSettings, Config
 from pipelines.job import Job
-from pipelines.options import EncodeOptions
-from transforms.contract import ContractError
 from transforms.deadletter import DEAD, dead_letter
 from transforms.foldin import FoldIn
 from transforms.sample import FitItems, NewestEvents
@@ -50,77 +49,15 @@ ITEMS_SCHEMA = pa.schema([("item_id", pa.string()), ("vector", pa.list_(pa.float
                           ("weights", pa.map_(pa.string(), pa.float32())),
                           ("parts", pa.map_(pa.string(), pa.list_(pa.float32())))])
 ARTIFACT = "alignment"
-REFIT_DAYS = {"always": 0, "weekly": 7, "never": None}
-FUSIONS = ("mean", "weighted", "attention")
 CONFIG_FILE, FORMAT = "alignment.json", 2  # models.align.CONFIG_FILE, models.align.FORMAT
 
 
-class AlignOptions(PipelineOptions):
-    """How modalities are put in one space and fused."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument("--align", default="contrastive", choices=("contrastive", "pca"),
-                            help="contrastive: projection heads trained on the catalog and interactions; "
-                                 "pca: tf.Transform z-score and PCA per modality")
-        parser.add_argument("--dim", type=int, default=64, help="Dimension of the shared space")
-        parser.add_argument("--fusion", default="", choices=("", "auto", *FUSIONS),
-                            help="How present modalities are weighted (default: auto for contrastive, chosen on "
-                                 "the fit's validation split among attention and cf-weighted; mean for pca); "
-                                 "attention is learned and needs --align=contrastive")
-        parser.add_argument("--fusion_weights", default="",
-                            help="For --fusion=weighted: MODALITY:WEIGHT,... (renormalised over present ones)")
-        parser.add_argument("--collaborative", default="true", choices=("true", "false"),
-                            help="Add the collaborative modality 'cf', in closed form from the interactions "
-                                 "(contrastive only)")
-        parser.add_argument("--cf_beta", type=float, default=None,
-                            help="How far an item's popularity tilts its cf vector, in [0, 1) (default: chosen on "
-                                 "the fit's validation split among 0.25, 0.5, 0.75)")
-        parser.add_argument("--cf_anchors", type=int, default=ANCHORS,
-                            help="Most interacted items whose cf vectors come from EASE directly (dense: about "
-                                 "12 x N^2 bytes); other items with interactions are folded in")
-        parser.add_argument("--fit_events", type=int, default=1_000_000,
-                            help="The fit trains on the newest this many interactions")
-        parser.add_argument("--fit_items", type=int, default=100_000,
-                            help="Most items the fit holds: those its interactions touch most, then a seeded "
-                                 "sample of the others; every item still gets a vector")
-        parser.add_argument("--fit_minutes", type=float, default=10.0,
-                            help="Training time of the fit (the validation fit and the refit together); epochs stop "
-                                 "early past it")
-        parser.add_argument("--align_epochs", type=int, default=40, help="Most training epochs (early stopping)")
-        parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice in fitting")
-        parser.add_argument("--refit", default="always", choices=tuple(REFIT_DAYS),
-                            help="Fit the alignment every night, when the last fit is a week old, or only when "
-                                 "there is none to reuse (the previous run's, copied into this run)")
-
-
-def settings(options: PipelineOptions):
-    """(kind, models.align.AlignConfig) from the options; raises ContractError for impossible combinations."""
+def align_config(a: AlignSettings):
+    """The ``models.align.AlignConfig`` of the alignment options (Keras loads here, not on the command line)."""
     from models import align as learned
-    o = options.view_as(AlignOptions)
-    fusion = o.fusion or ("auto" if o.align == "contrastive" else "mean")
-    if fusion in ("attention", "auto") and o.align != "contrastive":
-        raise ContractError(f"--fusion={fusion} is learned: it needs --align=contrastive")
-    weights = {}
-    for part in filter(None, (p.strip() for p in o.fusion_weights.split(","))):
-        name, _, value = part.partition(":")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise ContractError(f"--fusion_weights: expected MODALITY:NUMBER items, got {part!r}") from None
-    if fusion == "weighted" and not weights:
-        raise ContractError("--fusion=weighted needs --fusion_weights")
-    if o.cf_beta is not None and not 0.0 <= o.cf_beta < 1.0:
-        raise ContractError(f"--cf_beta must be in [0, 1), got {o.cf_beta}")
-    if o.dim < 2:
-        raise ContractError(f"--dim must be at least 2, got {o.dim}")
-    for name in ("fit_events", "fit_items", "cf_anchors", "fit_minutes"):
-        if getattr(o, name) <= 0:
-            raise ContractError(f"--{name} must be positive, got {getattr(o, name)}")
-    return o.align, learned.AlignConfig(dim=o.dim, fusion=fusion, fusion_weights=weights,
-                                        collaborative=o.collaborative == "true" and o.align == "contrastive",
-                                        cf_beta=o.cf_beta, cf_anchors=o.cf_anchors, epochs=o.align_epochs,
-                                        max_seconds=60.0 * o.fit_minutes, seed=o.seed)
+    return learned.AlignConfig(dim=a.dim, fusion=a.fusion, fusion_weights=a.fusion_weights,
+                               collaborative=a.collaborative, cf_beta=a.cf_beta, cf_anchors=a.cf_anchors,
+                               epochs=a.epochs, max_seconds=60.0 * a.fit_minutes, seed=a.seed)
 
 
 def _catalog(rows: Sequence[dict], dims: dict[str, int]):
@@ -192,7 +129,9 @@ def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modaliti
                             weight=np.ones(len(events), np.float32), user_ids=users, item_ids=catalog.item_ids)
     del rows, events
     fit, val = ev.validation_split(inter)
-    arrays = lambda x: (x.user, x.item, x.timestamp)
+    def arrays(x):
+        return x.user, x.item, x.timestamp
+
     with tempfile.TemporaryDirectory(prefix="mmfuse-alignment-") as local:
         aligner = learned.fit_and_refit(catalog, arrays(fit), arrays(val), config,
                                         log_dir=os.path.join(local, "logs"))
@@ -261,13 +200,13 @@ def _stamp(folder: str, run_date: str) -> str:
     return folder
 
 
-def artifact(job: Job, options: PipelineOptions, rows, interactions, modalities: Sequence[str]):
+def artifact(job: Job, settings: Config, rows, interactions, modalities: Sequence[str]):
     """PCollection of the one artifact folder this run applies: fitted now, or the previous run's copied in."""
     from pipelines.encode import modality_dims, previous_run
-    kind, config = settings(options)
+    a = settings.align
+    kind, config = a.kind, align_config(a)
     folder = posixpath.join(job.run.staging, ARTIFACT)
-    reuse = _reusable(previous_run(options), REFIT_DAYS[options.view_as(AlignOptions).refit],
-                      job.run.run_date, kind)
+    reuse = _reusable(previous_run(settings), a.refit_days, job.run.run_date, kind)
     job.report["alignment"] = {"kind": kind, "fusion": config.fusion, "dim": config.dim,
                                "reused_from": reuse}
     if reuse:
@@ -275,21 +214,20 @@ def artifact(job: Job, options: PipelineOptions, rows, interactions, modalities:
                   | "CopyIn" >> beam.Map(_copy_artifact, folder))
     elif kind == "pca":
         from transforms.pca import FitPca
-        dims = modality_dims(options, list(modalities))
+        dims = modality_dims(settings, list(modalities))
         meta = dataclasses.asdict(config)
         fitted = (rows
                   | "FitPca" >> FitPca(dims, config.dim, folder, posixpath.join(job.run.temp, "tft"))
                   | "AllFitted" >> beam.combiners.ToList()
                   | "WriteConfig" >> beam.Map(lambda _: _pca_config(folder, dims, meta)))
     else:
-        o = options.view_as(AlignOptions)
         events = (interactions
                   | "Events" >> beam.Map(lambda e: (e["timestamp"], e["user_id"], e["item_id"]))
-                  | "FitEvents" >> NewestEvents(o.fit_events))
+                  | "FitEvents" >> NewestEvents(a.fit_events))
         sample = (rows
                   | "CompactRows" >> beam.Map(_compact, list(modalities))
-                  | "FitItems" >> FitItems(events, o.fit_items, o.seed))
-        accelerator = options.view_as(EncodeOptions).encode_accelerator
+                  | "FitItems" >> FitItems(events, a.fit_items, a.seed))
+        accelerator = settings.encode.accelerator
         fit = beam.Map(fit_contrastive, beam.pvalue.AsSingleton(sample), beam.pvalue.AsSingleton(events),
                        list(modalities), config)
         fitted = (job.pipeline
@@ -323,12 +261,11 @@ def with_folded_cf(rows, interactions, folder):
                                                    for row in kv[1]["row"])))
 
 
-def align(job: Job, options: PipelineOptions, rows, interactions, modalities: Sequence[str]):
+def align(job: Job, config: Config, rows, interactions, modalities: Sequence[str]):
     """Items (fused vectors, weights, parts) from embeddings rows; writes ``items`` and the artifact."""
-    folder = artifact(job, options, rows, interactions, modalities)
+    folder = artifact(job, config, rows, interactions, modalities)
     job.wait_for(folder)
-    _, config = settings(options)
-    inputs = with_folded_cf(rows, interactions, folder) if config.collaborative else rows
+    inputs = with_folded_cf(rows, interactions, folder) if config.align.collaborative else rows
     usable, dead = inputs | "HasModality" >> beam.FlatMap(_has_modality, list(modalities)).with_outputs(DEAD, main="ok")
     metadata = folder | "Metadata" >> beam.Map(lambda path: ModelMetadata(model_id=path, model_name=ARTIFACT))
     fused = usable | "Fuse" >> RunInference(AlignHandler(), model_metadata_pcoll=metadata)

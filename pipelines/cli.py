@@ -9,7 +9,7 @@ STAGES = {
     "ingest": "check the catalog and interactions against the data contract",
     "encode": "ingest the catalog and write per-modality embeddings",
     "nightly": "the whole job: ingest, encode, align, fuse, recommend",
-    "evaluate": "recommendation quality of every method on a temporal and a cold-item split (EVALUATION.md)",
+    "evaluate": "recommendation quality of every method on a temporal and a cold-item split (docs/evaluation.md)",
 }
 
 

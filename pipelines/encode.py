@@ -10,11 +10,10 @@ import string
 import sys
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.registry import MODALITIES, factory
 from pipelines import ingest
-from pipelines import options as o
+from pipelines.config import Config, EncodeConfig, RunConfig
 from pipelines.job import Job, run_job
 from transforms import embed, media
 from transforms.contract import CatalogColumns, ContractError
@@ -23,11 +22,12 @@ from transforms.parquet import ReadRows, plan
 from transforms.runs import has_dataset, is_complete, latest_complete
 
 
-def fetch_media(job: Job, options: PipelineOptions, items, kinds: list[str]):
-    """Read the media of these kinds that items name by URI; a missing file dead-letters that medium only."""
-    limit, roots = options.view_as(o.RunOptions).max_media_bytes, o.media_roots(options)
+def fetch_media(job: Job, run: RunConfig, items, kinds: list[str]):
+    """Read the media of these kinds that items name by URI (audio by reference: its decoder seeks to the
+    windows it keeps); a missing file dead-letters that medium only."""
     for kind in kinds:
-        fetched, dead = items | f"Fetch {kind}" >> media.FetchMedia(kind, limit, roots)
+        fetched, dead = items | f"Fetch {kind}" >> media.FetchMedia(kind, run.max_media_bytes, run.media_roots,
+                                                                    in_parts=kind == "audio")
         job.stage(f"media:{kind}",
                   items | f"With {kind} before" >> beam.Filter(media.has(kind)),
                   fetched | f"With {kind} after" >> beam.Filter(media.has(kind)),
@@ -36,13 +36,12 @@ def fetch_media(job: Job, options: PipelineOptions, items, kinds: list[str]):
     return items
 
 
-def choose_modalities(options: PipelineOptions, spec: CatalogColumns, columns: set[str]) -> list[str]:
+def choose_modalities(asked: tuple[str, ...], spec: CatalogColumns, columns: set[str]) -> list[str]:
     """The asked-for modalities, or every one the catalog has columns for."""
     sources = {"text": bool(columns & set(spec.text)),
                "image": bool(columns & {spec.image_bytes, spec.image_uri}),
                "audio": bool(columns & {spec.audio_bytes, spec.audio_uri})}
     available = [m for m, s in MODALITIES.items() if sources[s.source]] + [n for n, _ in spec.vectors]
-    asked = o.modalities(options)
     unknown = [m for m in asked if m not in MODALITIES and m not in dict(spec.vectors)]
     if unknown:
         raise ContractError(f"--modalities: unknown {unknown}; known: {list(MODALITIES)} and declared "
@@ -50,8 +49,8 @@ def choose_modalities(options: PipelineOptions, spec: CatalogColumns, columns: s
     return [m for m in available if m in asked] if asked else available
 
 
-def previous_run(options: PipelineOptions) -> str | None:
-    run, choice = options.view_as(o.RunOptions), options.view_as(o.EncodeOptions).previous
+def previous_run(config: Config) -> str | None:
+    run, choice = config.run, config.encode.previous
     if choice == "none":
         return None
     if choice == "auto":
@@ -61,9 +60,9 @@ def previous_run(options: PipelineOptions) -> str | None:
     return choice.rstrip("/")
 
 
-def encoder_factory(options: PipelineOptions, modality: str):
+def encoder_factory(opts: EncodeConfig, modality: str):
     """The modality's default encoder, or the user's own model named by ``--custom_encoders``, with its settings."""
-    opts, custom = options.view_as(o.EncodeOptions), o.custom_encoders(options)
+    custom = opts.custom_encoders
     windows = {"max_windows": opts.audio_max_windows}
     if modality in custom:
         path, pinned = custom[modality]
@@ -73,9 +72,9 @@ def encoder_factory(options: PipelineOptions, modality: str):
     return factory(modality, None, **settings.get(modality, {}))
 
 
-def check_custom_encoders(options: PipelineOptions) -> None:
+def check_custom_encoders(opts: EncodeConfig) -> None:
     """Before anything runs: known modalities, SavedModels only when trusted, pinned digests matching."""
-    custom = o.custom_encoders(options)
+    custom = opts.custom_encoders
     unknown = set(custom) - set(MODALITIES)
     if unknown:
         raise ContractError(f"--custom_encoders: unknown modalities {sorted(unknown)}; known: {list(MODALITIES)}")
@@ -83,12 +82,12 @@ def check_custom_encoders(options: PipelineOptions) -> None:
         return
     from models.custom import is_saved_model  # loads Keras: only when there are custom models
     for modality, (path, _) in custom.items():
-        if is_saved_model(path) and not options.view_as(o.EncodeOptions).trust_custom_models:
+        if is_saved_model(path) and not opts.trust_custom_models:
             raise ContractError(f"--custom_encoders: {modality}={path} is a SavedModel, whose graph can read and "
                                 "write files on the workers; pass --trust_custom_models to run it (and pin it: "
                                 "PATH@sha256:DIGEST)")
         try:
-            encoder_factory(options, modality)().check_pinned()
+            encoder_factory(opts, modality)().check_pinned()
         except ValueError as e:
             raise ContractError(f"--custom_encoders: {e}") from None
 
@@ -106,10 +105,10 @@ def _raw(source: str, spec: CatalogColumns, template: str, max_tokens: int):
     return lambda item: item[source]
 
 
-def modality_dims(options: PipelineOptions, modalities: list[str]) -> dict[str, int]:
+def modality_dims(config: Config, modalities: list[str]) -> dict[str, int]:
     """Each modality's vector length, known before anything runs (custom encoders' only after they run)."""
-    declared = dict(o.catalog_columns(options).vectors)
-    dims = {m: declared[m] if m in declared else encoder_factory(options, m)().dim for m in modalities}
+    declared = dict(config.catalog.vectors)
+    dims = {m: declared[m] if m in declared else encoder_factory(config.encode, m)().dim for m in modalities}
     unknown = sorted(m for m, d in dims.items() if not d)
     if unknown:
         raise ContractError(f"the vector length of {unknown} (custom encoders) is unknown before they run: "
@@ -117,15 +116,14 @@ def modality_dims(options: PipelineOptions, modalities: list[str]) -> dict[str, 
     return dims
 
 
-def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
+def encode(job: Job, config: Config, items, columns: set[str]):
     """Embeddings rows for every item (one column per modality, null where the item lacks it), and the
     modalities encoded."""
-    spec, opts = o.catalog_columns(options), options.view_as(o.EncodeOptions)
-    chosen = choose_modalities(options, spec, columns)
-    check_custom_encoders(options)
-    batch = o.batch_sizes(options)
-    hints = {"accelerator": opts.encode_accelerator} if opts.encode_accelerator else {}
-    previous = previous_run(options)
+    spec, opts = config.catalog, config.encode
+    chosen = choose_modalities(opts.modalities, spec, columns)
+    check_custom_encoders(opts)
+    hints = {"accelerator": opts.accelerator} if opts.accelerator else {}
+    previous = previous_run(config)
     job.report["previous"] = previous
     before = None
     if previous and has_dataset(previous, "embeddings"):
@@ -134,14 +132,14 @@ def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
         before = job.pipeline | "ReadPrevious" >> ReadRows(work, wanted) | "Rows" >> beam.Values()
 
     needed = sorted({MODALITIES[m].source for m in chosen if m in MODALITIES} & {"image", "audio"})
-    items = fetch_media(job, options, items, needed)
+    items = fetch_media(job, config.run, items, needed)
     branches = {"items": items}
     for m in chosen:
         if m in MODALITIES:
             prev = before | f"Previous {m}" >> embed.PreviousVectors(m) if before is not None else None
             raw = _raw(MODALITIES[m].source, spec, opts.text_template, opts.text_max_tokens)
             out = items | f"Encode {m}" >> embed.EncodeModality(
-                m, raw, encoder_factory(options, m), batch.get(m, MODALITIES[m].batch_size), hints, prev)
+                m, raw, encoder_factory(opts, m), opts.batch_sizes.get(m, MODALITIES[m].batch_size), hints, prev)
             vectors = (out["encoded"], out[embed.REUSED]) | f"Vectors {m}" >> beam.Flatten()
             job.count("modalities", m, encoded=out["encoded"], reused=out[embed.REUSED], dead=out[DEAD])
             branches[m] = job.stage(f"encode:{m}", out["in"], vectors, out[DEAD])
@@ -156,8 +154,8 @@ def encode(job: Job, options: PipelineOptions, items, columns: set[str]):
     return rows, chosen
 
 
-def build(job: Job, options: PipelineOptions) -> None:
-    encode(job, options, *ingest.read_catalog(job, options))
+def build(job: Job, config: Config) -> None:
+    encode(job, config, *ingest.read_catalog(job, config))
 
 
 def main(argv: list[str] | None = None) -> int:

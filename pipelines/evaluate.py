@@ -1,4 +1,4 @@
-"""``mmfuse evaluate``: the protocol of ../shared/docs/EVALUATION.md on any data in the contract.
+"""``mmfuse evaluate``: the protocol of docs/evaluation.md on any data in the contract.
 
     mmfuse evaluate --catalog=PATH --interactions=PATH --embeddings=RUN_DIR --output=DIR [--methods=...]
 
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from models import align
 from models import evaluation as ev
 from transforms.parquet import read_dataset
+from transforms.runs import is_complete
 
 CONTENT = ("text", "image")
 METHODS = ("popular", "item_knn", "als", "random", "text", "image", "concat", "pca",
@@ -174,7 +175,8 @@ def markdown(results: dict) -> str:
         if warm is None and cold is None:
             continue
         cells = ([f"{warm[k]:.3f}" for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20", "coverage@20")]
-                 if warm else ["-"] * 5) + ([f"{cold[k]:.3f}" for k in ("recall@20", "ndcg@20")] if cold else ["n/a"] * 2)
+                 if warm else ["-"] * 5)
+        cells += [f"{cold[k]:.3f}" for k in ("recall@20", "ndcg@20")] if cold else ["n/a"] * 2
         seconds = sum(results["details"].get(f"{split}/{method}", {}).get("seconds", 0) for split in ("warm", "cold"))
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     retrieval = [(method, d["text_to_image"]) for method in LABELS
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmfuse evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalog", required=True, help="Catalog Parquet (its item order breaks time ties)")
     parser.add_argument("--interactions", required=True, help="Interactions Parquet")
-    parser.add_argument("--embeddings", required=True, help="A run folder holding an `embeddings` dataset")
+    parser.add_argument("--embeddings", required=True,
+                        help="A complete run folder (with _SUCCESS) holding an `embeddings` dataset")
     parser.add_argument("--output", required=True, help="Folder for evaluation.json and evaluation.md")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated among {', '.join(METHODS)}")
     parser.add_argument("--seed", type=int, default=0)
@@ -201,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         print(f"mmfuse evaluate: error: unknown methods {sorted(unknown)}", file=sys.stderr)
+        return 2
+    if not is_complete(args.embeddings):  # a run still being written, or one that died: never read half a night
+        print(f"mmfuse evaluate: error: {args.embeddings} is not a complete run (no _SUCCESS)", file=sys.stderr)
         return 2
     inter, catalog = load(args.catalog, args.interactions, args.embeddings)
     results = run(inter, catalog, methods, args.seed, log=lambda line: print(line, flush=True))

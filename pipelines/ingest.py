@@ -8,20 +8,17 @@ from __future__ import annotations
 import sys
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import options as o
+from pipelines.config import Config
 from pipelines.job import Job, run_job
 from transforms.contract import ContractError, check_catalog_schema, check_interactions_schema
 from transforms.parquet import ReadRows, plan
-from transforms.privacy import load_key
 from transforms.validate import ValidateCatalog, ValidateInteractions
 
 
-def read_catalog(job: Job, options: PipelineOptions):
+def read_catalog(job: Job, config: Config):
     """Valid catalog items, one per ``item_id``, as ``(item_id, item)``, and the columns the files have."""
-    spec = o.catalog_columns(options)
-    path = options.view_as(o.RunOptions).catalog
+    spec, path = config.catalog, config.run.catalog
     work, columns = plan(path, lambda f, cols: check_catalog_schema(f, cols, spec))
     if not work:
         raise ContractError(f"{path}: the catalog has no rows")
@@ -30,22 +27,21 @@ def read_catalog(job: Job, options: PipelineOptions):
     return job.stage(ValidateCatalog.STAGE, rows, items, dead), columns
 
 
-def read_interactions(job: Job, options: PipelineOptions, items):
+def read_interactions(job: Job, config: Config, items):
     """Valid interactions on catalog items, as dicts with ``timestamp`` in epoch seconds."""
-    run, privacy = options.view_as(o.RunOptions), options.view_as(o.PrivacyOptions)
-    spec = o.interaction_columns(options)
-    key = load_key(privacy.pseudonym_key_file) if privacy.pseudonymize_user_ids else None
+    run, spec = config.run, config.interactions
     work, _ = plan(run.interactions, lambda f, cols: check_interactions_schema(f, cols, spec))
     rows = job.pipeline | "ReadInteractions" >> ReadRows(work, spec.all)
     item_ids = items | "ItemIds" >> beam.Keys()
-    events, dead = rows | "ValidateInteractions" >> ValidateInteractions(spec, run.run_date, item_ids, key)
+    events, dead = rows | "ValidateInteractions" >> ValidateInteractions(spec, run.run_date, item_ids,
+                                                                        run.pseudonym_key)
     return job.stage(ValidateInteractions.STAGE, rows, events, dead)
 
 
-def build(job: Job, options: PipelineOptions) -> None:
-    items, _ = read_catalog(job, options)
-    if options.view_as(o.RunOptions).interactions:
-        read_interactions(job, options, items)
+def build(job: Job, config: Config) -> None:
+    items, _ = read_catalog(job, config)
+    if config.run.interactions:
+        read_interactions(job, config, items)
 
 
 def main(argv: list[str] | None = None) -> int:

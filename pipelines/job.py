@@ -16,7 +16,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import runners
-from pipelines.options import RunOptions, check_known, help_text, require
+from pipelines.config import Config
+from pipelines.options import check_known, help_text
 from transforms import deadletter
 from transforms.contract import ContractError
 from transforms.counting import count_stage
@@ -61,19 +62,17 @@ class Job:
                                                       reasons, max_dead_fraction)
 
 
-def execute(build: Callable[[Job, PipelineOptions], None], argv: list[str] | None):
+def execute(build: Callable[[Job, Config], None], argv: list[str] | None):
     """Build and run a job to the end; returns the Beam result and the run folder. Raises ContractError."""
     check_known(argv)
     options = PipelineOptions(argv)
-    require(options, "catalog", "output")
-    opts = options.view_as(RunOptions)
-    if not 0 <= opts.max_dead_fraction <= 1:
-        raise ContractError(f"--max_dead_fraction={opts.max_dead_fraction}: must be between 0 and 1")
-    run = RunFolder(opts.output, opts.run_date)
+    config = Config.parse(options)
+    config.run.require("catalog", "output")
+    run = RunFolder(config.run.output, config.run.run_date)
     pipeline = runners.create_pipeline(options)
     job = Job(pipeline, run)
-    build(job, options)
-    job.finish(opts.max_dead_fraction)
+    build(job, config)
+    job.finish(config.run.max_dead_fraction)
     run.acquire()
     try:
         run.recover()
@@ -84,13 +83,13 @@ def execute(build: Callable[[Job, PipelineOptions], None], argv: list[str] | Non
     return result, run
 
 
-def run_job(name: str, build: Callable[[Job, PipelineOptions], None], argv: list[str] | None) -> int:
+def run_job(name: str, build: Callable[[Job, Config], None], argv: list[str] | None) -> int:
     """The command line of a job: user errors become one line on stderr and exit code 2, a stage that
     dead-lettered too much exit code 3, any other failure exit code 1."""
     logging.getLogger().setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):
-        print(help_text(f"mmfuse {name}"))
+        print(help_text(name))
         return 0
     try:
         _, run = execute(build, argv)

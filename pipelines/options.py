@@ -1,29 +1,17 @@
-"""Command-line options of mmfuse jobs, as Beam ``PipelineOptions`` so any Beam option may be mixed in."""
+"""Command-line options of mmfuse jobs, as Beam ``PipelineOptions`` so any Beam option may be mixed in; read
+once, by ``pipelines.config``."""
 from __future__ import annotations
 
 import datetime as dt
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from models.collaborative import ANCHORS
+from transforms import topk
 from transforms.contract import CatalogColumns, ContractError, InteractionColumns
 
-
-def _names(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def _pairs(value: str, option: str) -> dict[str, int]:
-    out = {}
-    for part in _names(value):
-        name, _, number = part.partition(":")
-        if not number.isdigit() or int(number) < 1:
-            raise ContractError(f"{option}: expected NAME:POSITIVE_INTEGER items, got {part!r}")
-        out[name] = int(number)
-    return out
-
-
-def _vectors(value: str) -> tuple[tuple[str, int], ...]:
-    return tuple(_pairs(value, "--vector_columns (declare each column as NAME:DIM)").items())
+REFIT_DAYS = {"always": 0, "weekly": 7, "never": None}
+FUSIONS = ("mean", "weighted", "attention")
 
 
 class RunOptions(PipelineOptions):
@@ -45,7 +33,8 @@ class RunOptions(PipelineOptions):
                             help="Date of the run, YYYY-MM-DD (default: today, UTC); interactions after it "
                                  "are refused as bad timestamps")
         parser.add_argument("--max_media_bytes", type=int, default=256 << 20,
-                            help="Media files or inline bytes larger than this are dead-lettered instead of read")
+                            help="Image files and inline media bytes larger than this are dead-lettered instead of "
+                                 "read (audio files are read in parts, only the windows decoded)")
         parser.add_argument("--max_dead_fraction", type=float, default=0.5,
                             help="A stage that dead-letters more than this share of its records fails the run "
                                  "(exit 3, nothing published; its dead letters stay in staging); 1: never")
@@ -103,20 +92,6 @@ class InteractionOptions(PipelineOptions):
         parser.add_argument("--weight_column", default=d.weight, help="Optional weight, e.g. a rating")
 
 
-def catalog_columns(options: PipelineOptions) -> CatalogColumns:
-    o = options.view_as(CatalogOptions)
-    return CatalogColumns(item_id=o.item_id_column, text=_names(o.text_columns),
-                          image_bytes=o.image_bytes_column, image_uri=o.image_uri_column,
-                          audio_bytes=o.audio_bytes_column, audio_uri=o.audio_uri_column,
-                          vectors=_vectors(o.vector_columns), updated_at=o.updated_at_column)
-
-
-def interaction_columns(options: PipelineOptions) -> InteractionColumns:
-    o = options.view_as(InteractionOptions)
-    return InteractionColumns(user_id=o.user_id_column, item_id=o.interaction_item_id_column,
-                              timestamp=o.timestamp_column, event=o.event_column, weight=o.weight_column)
-
-
 class EncodeOptions(PipelineOptions):
     """Which modalities to encode, how, and what to reuse from the last run."""
 
@@ -152,16 +127,94 @@ class EncodeOptions(PipelineOptions):
                                  "'type:nvidia-l4;count:1;install-nvidia-driver'")
 
 
-def help_text(prog: str) -> str:
-    """``--help`` for a job: the option groups defined in ``pipelines`` modules imported so far (each job
-    module defines its own group, so a job shows the options of the stages it runs); any Beam option may be
-    added."""
+class AlignOptions(PipelineOptions):
+    """How modalities are put in one space and fused."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--align", default="contrastive", choices=("contrastive", "pca"),
+                            help="contrastive: projection heads trained on the catalog and interactions; "
+                                 "pca: tf.Transform z-score and PCA per modality")
+        parser.add_argument("--dim", type=int, default=64, help="Dimension of the shared space")
+        parser.add_argument("--fusion", default="", choices=("", "auto", *FUSIONS),
+                            help="How present modalities are weighted (default: auto for contrastive, chosen on "
+                                 "the fit's validation split among attention and cf-weighted; mean for pca); "
+                                 "attention is learned and needs --align=contrastive")
+        parser.add_argument("--fusion_weights", default="",
+                            help="For --fusion=weighted: MODALITY:WEIGHT,... (renormalised over present ones)")
+        parser.add_argument("--collaborative", default="true", choices=("true", "false"),
+                            help="Add the collaborative modality 'cf', in closed form from the interactions "
+                                 "(contrastive only)")
+        parser.add_argument("--cf_beta", type=float, default=None,
+                            help="How far an item's popularity tilts its cf vector, in [0, 1) (default: chosen on "
+                                 "the fit's validation split among 0.25, 0.5, 0.75)")
+        parser.add_argument("--cf_anchors", type=int, default=ANCHORS,
+                            help="Most interacted items whose cf vectors come from EASE directly (dense: about "
+                                 "12 x N^2 bytes); other items with interactions are folded in")
+        parser.add_argument("--fit_events", type=int, default=1_000_000,
+                            help="The fit trains on the newest this many interactions")
+        parser.add_argument("--fit_items", type=int, default=100_000,
+                            help="Most items the fit holds: those its interactions touch most, then a seeded "
+                                 "sample of the others; every item still gets a vector")
+        parser.add_argument("--fit_minutes", type=float, default=10.0,
+                            help="Training time of the fit (the validation fit and the refit together); epochs stop "
+                                 "early past it")
+        parser.add_argument("--align_epochs", type=int, default=40, help="Most training epochs (early stopping)")
+        parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice in fitting")
+        parser.add_argument("--refit", default="always", choices=tuple(REFIT_DAYS),
+                            help="Fit the alignment every night, when the last fit is a week old, or only when "
+                                 "there is none to reuse (the previous run's, copied into this run)")
+
+
+class RecommendOptions(PipelineOptions):
+    """How user vectors are built and how many recommendations and similar items are written."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--top_k", type=int, default=20, help="Recommendations per user")
+        parser.add_argument("--similar_k", type=int, default=20, help="Similar items per item")
+        parser.add_argument("--event_weights", default="",
+                            help="Weight of each event type in a user vector, e.g. view:1,click:2,purchase:5; "
+                                 "other events (and a missing event) weigh --default_event_weight")
+        parser.add_argument("--default_event_weight", type=float, default=1.0,
+                            help="Weight of events not named in --event_weights")
+        parser.add_argument("--use_rating", default="true", choices=["true", "false"],
+                            help="Multiply each interaction by its weight column (e.g. the rating) when present")
+        parser.add_argument("--recency_half_life_days", type=float, default=0.0,
+                            help="An interaction this many days older than the user's newest counts half; "
+                                 "0: no decay")
+        parser.add_argument("--last_n_interactions", type=int, default=0,
+                            help="Build a user's vector from their newest N interactions only; 0: all")
+        parser.add_argument("--popular_days", type=float, default=30.0,
+                            help="Fallback for users without usable history: the items with the most "
+                                 "interactions in this many days before the newest interaction")
+        parser.add_argument("--user_batch_size", type=int, default=topk.USER_BATCH,
+                            help="Queries (users, or items for similar items) ranked together, where they are made")
+        parser.add_argument("--item_shard_size", type=int, default=topk.ITEM_SHARD,
+                            help="Items per shard: no worker holds more than one shard and one query batch")
+
+
+class NightlyOptions(PipelineOptions):
+    """How long dated runs are kept."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--keep_days", type=int, default=None,
+                            help="Once a run is complete, remove runs and staging dated more than this many days "
+                                 "before --run_date; the newest complete run always stays (default: keep all)")
+
+
+INPUT_GROUPS = (RunOptions, PrivacyOptions, CatalogOptions, InteractionOptions, EncodeOptions)
+STAGE_GROUPS = {"ingest": INPUT_GROUPS, "encode": INPUT_GROUPS,
+                "nightly": (*INPUT_GROUPS, AlignOptions, RecommendOptions, NightlyOptions)}
+
+
+def help_text(stage: str) -> str:
+    """``--help`` for a stage: the option groups of what it runs; any Beam option may be added."""
     import argparse
-    parser = argparse.ArgumentParser(prog=prog, epilog="Any Apache Beam pipeline option may be added, "
-                                     "e.g. --runner, --direct_running_mode, --direct_num_workers.")
-    for group in PipelineOptions.__subclasses__():
-        if not group.__module__.startswith("pipelines."):
-            continue
+    parser = argparse.ArgumentParser(prog=f"mmfuse {stage}", epilog="Any Apache Beam pipeline option may be "
+                                     "added, e.g. --runner, --direct_running_mode, --direct_num_workers.")
+    for group in STAGE_GROUPS[stage]:
         group._add_argparse_args(parser.add_argument_group(group.__name__, group.__doc__.split("\n")[0]))
     return parser.format_help()
 
@@ -174,8 +227,6 @@ def check_known(argv: list[str]) -> None:
 
     from apache_beam.options.pipeline_options import _BeamArgumentParser
 
-    if "NightlyOptions" not in {g.__name__ for g in PipelineOptions.__subclasses__()}:
-        import pipelines.nightly  # noqa: F401 - defines every stage's options (unless it runs as __main__)
     parser = _BeamArgumentParser(allow_abbrev=False)
     for group in {str(g): g for g in PipelineOptions.__subclasses__()}.values():  # Beam's own rule for repeats
         group._add_argparse_args(parser)
@@ -191,37 +242,3 @@ def check_known(argv: list[str]) -> None:
         problems.append(f"unknown option {name}" + (f" (did you mean --{close[0]}?)" if close else ""))
     if problems:
         raise ContractError("; ".join(problems))
-
-
-def require(options: PipelineOptions, *names: str) -> None:
-    run = options.view_as(RunOptions)
-    missing = [f"--{n}" for n in names if not getattr(run, n)]
-    if missing:
-        raise ContractError(f"missing required option(s): {' '.join(missing)}")
-
-
-def batch_sizes(options: PipelineOptions) -> dict[str, int]:
-    return _pairs(options.view_as(EncodeOptions).batch_sizes, "--batch_sizes")
-
-
-def media_roots(options: PipelineOptions) -> tuple[str, ...]:
-    from transforms.media import default_root
-    run = options.view_as(RunOptions)
-    return _names(run.media_roots) or (default_root(run.catalog),)
-
-
-def modalities(options: PipelineOptions) -> tuple[str, ...]:
-    return _names(options.view_as(EncodeOptions).modalities)
-
-
-def custom_encoders(options: PipelineOptions) -> dict[str, tuple[str, str | None]]:
-    """``{modality: (path, pinned digest or None)}`` from ``MODALITY=PATH[@sha256:HEX],...``."""
-    out = {}
-    for part in _names(options.view_as(EncodeOptions).custom_encoders):
-        modality, sep, path = part.partition("=")
-        path, pin, hexdigest = path.rpartition("@sha256:") if "@sha256:" in path else (path, "", "")
-        if not sep or not path or (pin and len(hexdigest) != 64):
-            raise ContractError(f"--custom_encoders: expected MODALITY=PATH[@sha256:64 HEX DIGITS] items, "
-                                f"got {part!r}")
-        out[modality] = (path, f"sha256:{hexdigest.lower()}" if pin else None)
-    return out

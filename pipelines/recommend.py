@@ -18,14 +18,13 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import GlobalWindows
 
+from pipelines.config import RecommendConfig
 from pipelines.job import Job
 from transforms import topk
-from transforms.contract import ContractError
 from transforms.deadletter import dead_letter
-from transforms.users import RecentPopular, UserVectors, Weighting
+from transforms.users import RecentPopular, UserVectors
 
 POPULARITY = "popularity"
 _CONTRIBUTIONS = pa.map_(pa.string(), pa.float32())
@@ -37,57 +36,9 @@ SIMILAR_ITEMS = pa.schema([("item_id", pa.string()), ("rank", pa.int32()), ("sim
                            ("score", pa.float32()), ("contributions", _CONTRIBUTIONS)])
 
 
-class RecommendOptions(PipelineOptions):
-    """How user vectors are built and how many recommendations and similar items are written."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument("--top_k", type=int, default=20, help="Recommendations per user")
-        parser.add_argument("--similar_k", type=int, default=20, help="Similar items per item")
-        parser.add_argument("--event_weights", default="",
-                            help="Weight of each event type in a user vector, e.g. view:1,click:2,purchase:5; "
-                                 "other events (and a missing event) weigh --default_event_weight")
-        parser.add_argument("--default_event_weight", type=float, default=1.0,
-                            help="Weight of events not named in --event_weights")
-        parser.add_argument("--use_rating", default="true", choices=["true", "false"],
-                            help="Multiply each interaction by its weight column (e.g. the rating) when present")
-        parser.add_argument("--recency_half_life_days", type=float, default=0.0,
-                            help="An interaction this many days older than the user's newest counts half; "
-                                 "0: no decay")
-        parser.add_argument("--last_n_interactions", type=int, default=0,
-                            help="Build a user's vector from their newest N interactions only; 0: all")
-        parser.add_argument("--popular_days", type=float, default=30.0,
-                            help="Fallback for users without usable history: the items with the most "
-                                 "interactions in this many days before the newest interaction")
-        parser.add_argument("--user_batch_size", type=int, default=topk.USER_BATCH,
-                            help="Queries (users, or items for similar items) ranked together, where they are made")
-        parser.add_argument("--item_shard_size", type=int, default=topk.ITEM_SHARD,
-                            help="Items per shard: no worker holds more than one shard and one query batch")
-
-
-def weighting(options: PipelineOptions) -> Weighting:
-    o = options.view_as(RecommendOptions)
-    events = {}
-    for part in (p.strip() for p in o.event_weights.split(",") if p.strip()):
-        name, _, value = part.partition(":")
-        try:
-            events[name] = float(value)
-        except ValueError:
-            raise ContractError(f"--event_weights: expected EVENT:NUMBER items, got {part!r}") from None
-    for name, value in (("--top_k", o.top_k), ("--similar_k", o.similar_k), ("--user_batch_size", o.user_batch_size),
-                        ("--item_shard_size", o.item_shard_size)):
-        if value < 1:
-            raise ContractError(f"{name} must be a positive integer, got {value}")
-    if o.recency_half_life_days < 0 or o.last_n_interactions < 0 or o.popular_days <= 0:
-        raise ContractError("--recency_half_life_days and --last_n_interactions must be >= 0, --popular_days > 0")
-    return Weighting(events, o.default_event_weight, o.use_rating == "true", o.recency_half_life_days * 86400.0,
-                     o.last_n_interactions)
-
-
-def recommend(job: Job, options: PipelineOptions, items, interactions) -> None:
+def recommend(job: Job, o: RecommendConfig, items, interactions) -> None:
     """Write ``users``, ``recommendations`` and ``similar_items`` from fused items and interactions."""
-    o = options.view_as(RecommendOptions)
-    users = {"interactions": interactions, "items": items} | "UserVectors" >> UserVectors(weighting(options))
+    users = {"interactions": interactions, "items": items} | "UserVectors" >> UserVectors(o.weighting)
     personal, fallback = users | "Fallback?" >> beam.Partition(lambda u, _: int(u["fallback"]), 2)
     job.count("users", "users", personal=personal, fallback=fallback)
     job.write("users", users | "UserRows" >> beam.Map(_user_row), USERS)

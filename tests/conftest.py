@@ -1,4 +1,4 @@
-"""Shared fixtures: the generated demo data, the shared real data, and running a job in-process."""
+"""Shared fixtures: the generated demo data, the public data sets, and running a job in-process."""
 from __future__ import annotations
 
 import json
@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from examples import demo_data
+from examples import datasets, demo_data
 from transforms.parquet import read_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = datasets.root()
 RUN_DATE = "2026-11-27"
 # A few alignment epochs: the tests check the pipeline, not the model's quality (pipelines/evaluate.py does).
 DEMO_FLAGS = ["--vector_columns=features:16", f"--run_date={RUN_DATE}", "--align_epochs=3"]
@@ -19,10 +19,10 @@ MODALITIES = "--modalities=text,image,audio_mfcc,features"
 
 
 def shared(*parts: str) -> Path:
-    """A path under ../shared/data, skipping the test when it is absent (a user's fresh clone)."""
+    """A path under the public data sets' folder (``examples.datasets``), skipping the test when it is absent."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} is absent: this test needs the shared real data")
+        pytest.skip(f"{path} is absent: this test needs the public data sets ($MMFUSE_DATA)")
     return path
 
 

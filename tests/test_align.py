@@ -1,4 +1,4 @@
-"""Alignment and fusion (issue 4): missing modalities, the fusion arithmetic, reproducible fits, saved artifacts
+"""Alignment and fusion: missing modalities, the fusion arithmetic, reproducible fits, saved artifacts
 that apply to new items exactly as the fitted model does, and the tf.Transform PCA against numpy."""
 import dataclasses
 

@@ -85,7 +85,8 @@ def test_each_bad_record_is_dead_lettered_once(run):
     duplicate = dead[("catalog", "dup", "duplicate_item_id")]
     assert duplicate["source"] == f"{a}#row=4" and f"kept the copy at {a}#row=5" in duplicate["message"]
     assert "newest updated_at" in duplicate["message"]
-    assert "title must be a string or a list of strings, got int 7" in dead[("catalog", "typed-1", "wrong_type")]["message"]
+    typed = dead[("catalog", "typed-1", "wrong_type")]
+    assert "title must be a string or a list of strings, got int 7" in typed["message"]
     assert "img/nope.png: file not found" in dead[("media:image", "missing-media", "missing_media")]["message"]
     assert "has 3 values, declared 4" in dead[("encode:features", "short-vector", "bad_vector")]["message"]
 

@@ -82,3 +82,28 @@ def test_catalog_without_rows_stops_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"mmfuse nightly: error: {path}: the catalog has no rows"]
     assert not (tmp_path / "out").exists()
+
+
+def test_options_page_is_current():
+    """docs/options.md is every stage's --help: regenerate it with `make docs` when an option changes."""
+    from pipelines import helpdoc
+    assert (ROOT / "docs" / "options.md").read_text() == helpdoc.page(), "docs/options.md is stale: run `make docs`"
+
+
+def test_help_and_docs_speak_of_the_product_only():
+    """What users read names no folders they lack and no development history."""
+    from pipelines import helpdoc
+    texts = {"--help": helpdoc.page(), **{str(p.relative_to(ROOT)): p.read_text()
+                                          for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}}
+    for name, text in texts.items():
+        for word in ("../shared", "shared/docs", "shared/data", "session", "issue #"):
+            assert word not in text.lower(), f"{name} mentions {word!r}"
+
+
+def test_evaluate_reads_only_a_complete_run(tmp_path, capsys):
+    """A run still being written (or one that died) has no _SUCCESS: evaluate refuses it, as the nightly job does."""
+    from pipelines import evaluate
+    (tmp_path / "run" / "embeddings").mkdir(parents=True)
+    assert evaluate.main([f"--catalog={tmp_path}/c.parquet", f"--interactions={tmp_path}/i.parquet",
+                          f"--embeddings={tmp_path / 'run'}", f"--output={tmp_path / 'out'}"]) == 2
+    assert "is not a complete run (no _SUCCESS)" in capsys.readouterr().err

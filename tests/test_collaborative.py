@@ -1,4 +1,4 @@
-"""Closed-form collaborative vectors (issue 4): what their geometry must show, and the alignment keeping them fixed."""
+"""Closed-form collaborative vectors: what their geometry must show, and the alignment keeping them fixed."""
 import dataclasses
 
 import numpy as np
@@ -112,8 +112,14 @@ def test_alignment_keeps_the_closed_form_vectors_fixed_and_saves_them(tmp_path):
 def test_pipeline_options_set_the_caps_and_leave_choices_to_validation():
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.align import settings
+    from pipelines.align import align_config
+    from pipelines.config import Config
     from transforms.contract import ContractError
+
+    def settings(options):
+        a = Config.parse(options).align
+        return a.kind, align_config(a)
+
     kind, config = settings(PipelineOptions(["--cf_beta=0.5", "--dim=32", "--fit_minutes=2", "--cf_anchors=500"]))
     assert (kind, config.cf_beta, config.dim, config.max_seconds, config.cf_anchors) == (
         "contrastive", 0.5, 32, 120.0, 500)

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from transforms import contract
-from transforms.contract import CatalogColumns, ContractError, Invalid, InteractionColumns
+from transforms.contract import CatalogColumns, ContractError, InteractionColumns, Invalid
 from transforms.parquet import list_files, plan
 
 SPEC = CatalogColumns(vectors=(("features", 4),))
@@ -59,7 +59,8 @@ def test_uri_resolution():
 @pytest.mark.parametrize("when", [1764000000, dt.datetime(2025, 11, 24, 16, 0),
                                   dt.datetime(2025, 11, 24, 16, 0, tzinfo=dt.timezone.utc)])
 def test_timestamps_accepted(when):
-    event = contract.interaction({"user_id": "u", "item_id": "i", "timestamp": when, "weight": 4}, InteractionColumns(), END)
+    event = contract.interaction({"user_id": "u", "item_id": "i", "timestamp": when, "weight": 4},
+                                 InteractionColumns(), END)
     assert event["timestamp"] == 1764000000 and event["weight"] == 4.0
 
 

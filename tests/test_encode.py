@@ -143,6 +143,32 @@ def test_the_media_size_limit_holds_for_inline_bytes_as_for_files(tmp_path):
                     equal_to([("inline-big", "media_too_large"), ("file-big", "media_too_large")]), label="dead")
 
 
+def test_audio_files_go_on_by_reference_checked_and_hashed_whatever_their_size(tmp_path):
+    """Audio is decoded in parts (the windows kept), so a file larger than --max_media_bytes is not read
+    into the item: it goes on as a checked, hashed reference, and the confinement rules hold as for bytes."""
+    import hashlib
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.util import assert_that, equal_to
+
+    import runners
+    from transforms.media import FetchMedia, MediaFile
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "long.wav").write_bytes(b"RIFF" + bytes(996))
+    (tmp_path / "secret.wav").write_bytes(b"RIFF" + bytes(10))
+    items = [(name, {"audio": None, "audio_uri": str(uri), "source": f"c.parquet#row={i}"}) for i, (name, uri) in
+             enumerate([("long", tmp_path / "in" / "long.wav"), ("escape", tmp_path / "in" / ".." / "secret.wav")])]
+    with runners.create_pipeline(PipelineOptions(["--runner=DirectRunner"])) as p:
+        fetched, dead = p | beam.Create(items) | FetchMedia("audio", 100, [str(tmp_path / "in")], in_parts=True)
+        assert_that(fetched | beam.Map(lambda e: (e[0], e[1]["audio"])), equal_to([
+            ("long", MediaFile(str((tmp_path / "in" / "long.wav").resolve()), 1000,
+                               hashlib.sha256(b"RIFF" + bytes(996)).hexdigest())),
+            ("escape", None)]))
+        assert_that(dead | beam.Map(lambda d: (d["key"], d["error"])), equal_to([("escape", "media_outside_roots")]),
+                    label="dead")
+
+
 def test_media_are_read_only_from_regular_files_under_the_media_roots(tmp_path):
     """A catalog is outside data: its URIs must not read the worker's own files, nor hang it on a FIFO."""
     import os

@@ -1,4 +1,4 @@
-"""The evaluation protocol (../shared/docs/EVALUATION.md): metrics on hand-checked cases, the splits, the
+"""The evaluation protocol (docs/evaluation.md): metrics on hand-checked cases, the splits, the
 baselines, and the reference figures on MovieLens-small with posters."""
 import time
 
@@ -109,7 +109,9 @@ def test_warm_split_by_time_ties_by_item():
     fit, val = ev.validation_split(train)
     # User 0's 8 training interactions: floor(0.8) = 0, so at least one: the latest, item 4.
     assert sorted(val.item[val.user == 0].tolist()) == [4]
-    pairs_of = lambda x: set(zip(x.user.tolist(), x.item.tolist()))
+    def pairs_of(x):
+        return set(zip(x.user.tolist(), x.item.tolist()))
+
     assert pairs_of(fit) | pairs_of(val) == pairs_of(train)
     assert not pairs_of(val) & pairs_of(test) and not pairs_of(fit) & pairs_of(test)
     assert all((val.user == u).sum() >= 1 for u in range(4))

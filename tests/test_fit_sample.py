@@ -27,7 +27,7 @@ def _events(n=5000, seed=0):
 def test_newest_events_are_exactly_the_n_newest_ties_by_id(tmp_path):
     events = _events()
     for n in (300, 4999, 6000):  # the quantile cut binds, barely binds, and has nothing to cut
-        got = _collect(tmp_path, lambda p: p | beam.Create(events) | NewestEvents(n), f"newest{n}")
+        got = _collect(tmp_path, lambda p, n=n: p | beam.Create(events) | NewestEvents(n), f"newest{n}")
         assert [tuple(e) for e in got[0]] == sorted(events, reverse=True)[:n]
 
 

@@ -37,7 +37,8 @@ def test_movielens_nights(movielens_night, tmp_path):
                      for c in ("user_id", "item_id"))))
     assert not seen & set(zip(recommendations["user_id"].to_pylist(), recommendations["item_id"].to_pylist()))
     assert len(set(dataset(first, "similar_items")["item_id"].to_pylist())) == 9742
-    check_movielens(first, pq.read_table(paths["catalog"]).to_pylist(), sequel_first=False, same_genre=0.7)  # cf neighbours cross genres
+    # cf neighbours cross genres
+    check_movielens(first, pq.read_table(paths["catalog"]).to_pylist(), sequel_first=False, same_genre=0.7)
     assert report["alignment"]["reused_from"] is None
 
     # The next night, after 10 retitled films and 5 new posters, re-encodes those alone.

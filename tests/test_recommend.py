@@ -68,8 +68,8 @@ def test_recommend_equals_numpy_reference(tmp_path):
     items, interactions, vectors = _random_world()
     ids = [i["item_id"] for i in items]
 
-    def build(job, options):
-        recommend.recommend(job, options, job.pipeline | "Items" >> beam.Create(items),
+    def build(job, config):
+        recommend.recommend(job, config.recommend, job.pipeline | "Items" >> beam.Create(items),
                             job.pipeline | "Interactions" >> beam.Create(interactions))
 
     k, half_life_days, last_n = 7, 20.0, 15
@@ -128,8 +128,8 @@ def test_fallback_recommends_popular_recent_unseen_items(tmp_path):
                  for _ in range(9)]  # popular long ago: outside the 30-day window
               + [{"user_id": "new", "item_id": "p3", "timestamp": recent, "event": "view", "weight": 0.0}])
 
-    def build(job, options):
-        recommend.recommend(job, options, job.pipeline | "Items" >> beam.Create(items),
+    def build(job, config):
+        recommend.recommend(job, config.recommend, job.pipeline | "Items" >> beam.Create(items),
                             job.pipeline | "Interactions" >> beam.Create(events))
 
     run = _run(tmp_path, build, "--top_k=3")
@@ -143,13 +143,13 @@ def test_fallback_recommends_popular_recent_unseen_items(tmp_path):
 
 def _text_items_build(embeddings: list[dict]):
     """Recommendations from text vectors alone, read from a nightly run's ``embeddings``."""
-    def build(job, options):
-        items_in, _ = ingest.read_catalog(job, options)
-        interactions = ingest.read_interactions(job, options, items_in)
+    def build(job, config):
+        items_in, _ = ingest.read_catalog(job, config)
+        interactions = ingest.read_interactions(job, config, items_in)
         items = (job.pipeline
                  | "TextItems" >> beam.Create([{"item_id": r["item_id"], "vector": r["text"], "weights": {"text": 1.0},
                                                 "parts": {"text": r["text"]}} for r in embeddings if r["text"]]))
-        recommend.recommend(job, options, items, interactions)
+        recommend.recommend(job, config.recommend, items, interactions)
     return build
 
 

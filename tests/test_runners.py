@@ -38,8 +38,9 @@ def datasets(run_dir: Path) -> list[str]:
 def assert_same_runs(a: Path, b: Path, roots: tuple[str, str] | None = None,
                      inputs: tuple[str, str] = ("", "")) -> None:
     """Two run folders hold the same datasets, rows and report. Floats (vectors, weights, scores) are equal to
-    a tolerance (runners batch differently, so BLAS rounding differs); paths compare relative to each run's output root (``roots``,
-    by default the folders above the runs) and input root (``inputs``, where the runs read different copies)."""
+    a tolerance (runners batch differently, so BLAS rounding differs); paths compare relative to each run's output
+    root (``roots``, by default the folders above the runs) and input root (``inputs``, where the runs read
+    different copies)."""
     assert (a / "_SUCCESS").exists() and (b / "_SUCCESS").exists()
     assert datasets(a) == datasets(b)
     roots = roots or (str(a.parent), str(b.parent))

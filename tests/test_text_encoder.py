@@ -18,7 +18,7 @@ def encoder():
 
 
 def test_reference_similarities(encoder):
-    """The cosine matrix published for this model (shared/docs/MODELS.md): proves the weights load correctly."""
+    """The cosine matrix published for this model (docs/encoders.md): proves the weights load correctly."""
     texts = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
     emb = encoder.encode_texts(texts)
     assert emb.dtype == np.float32 and emb.shape == (3, encoder.dim)

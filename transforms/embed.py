@@ -13,6 +13,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
+from transforms import media
 from transforms.deadletter import DEAD, dead_letter
 from transforms.inference import Encode
 
@@ -88,7 +89,8 @@ class EncodeModality(beam.PTransform):
             item_id, item = element
             raw = raw_of(item)
             if raw is not None:
-                payload = raw.encode() if isinstance(raw, str) else raw
+                payload = (raw.encode() if isinstance(raw, str) else
+                           raw.sha256.encode() if isinstance(raw, media.MediaFile) else raw)
                 yield item_id, (raw, item["source"], content_hash(identifier, payload))
 
         def reuse_or_encode(element):

@@ -12,6 +12,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from models.base import Encoder, InputError
+from transforms import media
 from transforms.deadletter import DEAD, dead_letter
 
 
@@ -58,9 +59,19 @@ class Preprocess(beam.DoFn):
         key, (raw, source) = element
         item_id = key[0]
         try:
-            yield key, self._encoder.preprocess(raw)
+            yield key, self._preprocess(raw)
         except InputError as e:
             yield beam.pvalue.TaggedOutput(DEAD, dead_letter(self._stage, item_id, e.reason, str(e), source))
+
+
+    def _preprocess(self, raw):
+        if not isinstance(raw, media.MediaFile):
+            return self._encoder.preprocess(raw)
+        try:
+            with raw.open() as f:  # the encoder reads the parts it needs
+                return self._encoder.preprocess(f)
+        except OSError as e:  # gone or unreadable since it was checked
+            raise InputError("unreadable_media", f"{raw.name}: {e.strerror or type(e).__name__}") from e
 
 
 class Encode(beam.PTransform):

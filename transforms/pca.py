@@ -30,7 +30,8 @@ class FitPca(beam.PTransform):
                 data = (rows
                         | f"Has {m}" >> beam.Filter(lambda r, m=m: r.get(m) is not None)
                         | f"Input {m}" >> beam.Map(lambda r, m=m: {pca.FEATURE: np.asarray(r[m], np.float32)}))
-                transform_fn = (data, metadata) | f"Analyze {m}" >> tft_beam.AnalyzeDataset(pca.preprocessing_fn(self._dim))
+                transform_fn = ((data, metadata)
+                                | f"Analyze {m}" >> tft_beam.AnalyzeDataset(pca.preprocessing_fn(self._dim)))
                 out = posixpath.join(self._folder, m)
                 done = transform_fn | f"Write {m}" >> tft_beam.WriteTransformFn(out)
                 written.append(done | f"Done {m}" >> beam.Map(lambda _, out=out: out))

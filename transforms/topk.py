@@ -11,7 +11,7 @@ Queries never cross the runner: they are stacked into batches of up to ``batch_s
 them, and each batch is ranked there against every shard in turn, one matrix product per shard
 (``models.topk``), its partials merging as they come; the rankings are yielded per query from that bundle, so
 what consumes them runs there too. Moving data between stages is the largest cost after the product on a local
-runner (see the README), and a job's users, their exclusions and their rankings are most of its data. A worker
+runner (see docs/performance.md), and a job's users, their exclusions and their rankings are most of its data. A worker
 holds one batch and one shard, the last it read, which the next batch starts with: a catalogue of one shard is
 read once per worker. Parallelism follows the queries' bundles. The kernel rescores its answer exactly, so a
 ranking does not depend on which queries share a batch, and ties are broken by item id, so it does not depend
