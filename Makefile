@@ -53,7 +53,7 @@ bench: install $(VENV)-bench/.installed
 
 # docs/options.md is every stage's --help (a test fails when it is stale).
 docs: install
-	$(BIN)/python -m pipelines.helpdoc > docs/options.md
+	$(BIN)/python -m mmfuse.pipelines.helpdoc > docs/options.md
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

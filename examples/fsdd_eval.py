@@ -28,7 +28,7 @@ import numpy as np
 
 from examples import datasets
 from examples.sections import replace_section
-from models.audio import MfccAudioEncoder, MusicnnAudioEncoder
+from mmfuse.models.audio import MfccAudioEncoder, MusicnnAudioEncoder
 
 ENCODERS = {"audio_mfcc": MfccAudioEncoder, "audio_musicnn": MusicnnAudioEncoder}
 BATCH = 32

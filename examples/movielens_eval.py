@@ -18,8 +18,8 @@ from pathlib import Path
 
 from examples import datasets, movielens
 from examples.sections import replace_section
-from pipelines import encode, evaluate
-from transforms.runs import is_complete
+from mmfuse.pipelines import encode, evaluate
+from mmfuse.transforms.runs import is_complete
 
 RUN_DATE = "2026-01-01"
 

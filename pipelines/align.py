@@ -34,13 +34,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, ModelMetadata, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from models import evaluation as ev
-from models.collaborative import SOLVER_FILE, TABLE_FILE, CfTable
-from pipelines.config import AlignSettings, Config
-from pipelines.job import Job
-from transforms.deadletter import DEAD, dead_letter
-from transforms.foldin import FoldIn
-from transforms.sample import FitItems, NewestEvents
+from mmfuse.models import evaluation as ev
+from mmfuse.models.collaborative import SOLVER_FILE, TABLE_FILE, CfTable
+from mmfuse.pipelines.config import AlignSettings, Config
+from mmfuse.pipelines.job import Job
+from mmfuse.transforms.deadletter import DEAD, dead_letter
+from mmfuse.transforms.foldin import FoldIn
+from mmfuse.transforms.sample import FitItems, NewestEvents
 
 # models.align and transforms.pca import Keras and TensorFlow: imported where used, so that the command line
 # answers --help and input errors without loading them.
@@ -54,7 +54,7 @@ CONFIG_FILE, FORMAT = "alignment.json", 2  # models.align.CONFIG_FILE, models.al
 
 def align_config(a: AlignSettings):
     """The ``models.align.AlignConfig`` of the alignment options (Keras loads here, not on the command line)."""
-    from models import align as learned
+    from mmfuse.models import align as learned
     return learned.AlignConfig(dim=a.dim, fusion=a.fusion, fusion_weights=a.fusion_weights,
                                collaborative=a.collaborative, cf_beta=a.cf_beta, cf_anchors=a.cf_anchors,
                                epochs=a.epochs, max_seconds=60.0 * a.fit_minutes, seed=a.seed)
@@ -63,7 +63,7 @@ def align_config(a: AlignSettings):
 def _catalog(rows: Sequence[dict], dims: dict[str, int]):
     """Embeddings rows (any order) -> a models.align.Catalog in item_id order, NaN rows for absent modalities
     (``cf`` too, where a row carries a folded-in cf vector)."""
-    from models import align as learned
+    from mmfuse.models import align as learned
     rows = sorted(rows, key=lambda r: r["item_id"])
     if any(r.get(learned.CF) is not None for r in rows):
         dims = {**dims, learned.CF: next(len(r[learned.CF]) for r in rows if r.get(learned.CF) is not None)}
@@ -116,7 +116,7 @@ def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modaliti
     choices made on validation); save to ``folder``. Inputs are sorted first, so the fit does not depend on
     their arrival order. What it holds: the rows and events given (bounded by the caps), their arrays, EASE
     over at most ``config.cf_anchors`` items, and the model."""
-    from models import align as learned
+    from mmfuse.models import align as learned
     start = time.monotonic()
     dims = {m: next(len(r[m]) for r in rows if r.get(m) is not None)
             for m in modalities if any(r.get(m) is not None for r in rows)}
@@ -153,7 +153,7 @@ class AlignHandler(ModelHandler[dict, dict, Any]):
         self._folder = model_path
 
     def load_model(self):
-        from models import align as learned
+        from mmfuse.models import align as learned
         with _fetched(self._folder) as local:
             return learned.load(local)
 
@@ -202,7 +202,7 @@ def _stamp(folder: str, run_date: str) -> str:
 
 def artifact(job: Job, settings: Config, rows, interactions, modalities: Sequence[str]):
     """PCollection of the one artifact folder this run applies: fitted now, or the previous run's copied in."""
-    from pipelines.encode import modality_dims, previous_run
+    from mmfuse.pipelines.encode import modality_dims, previous_run
     a = settings.align
     kind, config = a.kind, align_config(a)
     folder = posixpath.join(job.run.staging, ARTIFACT)
@@ -213,7 +213,7 @@ def artifact(job: Job, settings: Config, rows, interactions, modalities: Sequenc
         fitted = (job.pipeline | "PreviousAlignment" >> beam.Create([reuse])
                   | "CopyIn" >> beam.Map(_copy_artifact, folder))
     elif kind == "pca":
-        from transforms.pca import FitPca
+        from mmfuse.transforms.pca import FitPca
         dims = modality_dims(settings, list(modalities))
         meta = dataclasses.asdict(config)
         fitted = (rows
@@ -238,7 +238,7 @@ def artifact(job: Job, settings: Config, rows, interactions, modalities: Sequenc
 
 
 def _pca_config(folder: str, dims: dict[str, int], config: dict) -> str:
-    from models.pca import PcaAligner
+    from mmfuse.models.pca import PcaAligner
     with tempfile.TemporaryDirectory(prefix="mmfuse-alignment-") as local:
         PcaAligner.write_config(local, dims, config)
         return _publish(local, folder)
@@ -296,9 +296,9 @@ def _aligned(item: dict):
 def fit_pca_local(catalog, dim: int):
     """The statistical alignment fitted on an in-memory models.align.Catalog by a local Beam pipeline (for
     evaluation)."""
-    import runners
-    from models import align as learned
-    from transforms.pca import FitPca
+    from mmfuse import runners
+    from mmfuse.models import align as learned
+    from mmfuse.transforms.pca import FitPca
     dims = {m: v.shape[1] for m, v in catalog.features.items()}
     rows = [{"item_id": str(item), **{m: None if np.isnan(v[i]).any() else v[i] for m, v in catalog.features.items()}}
             for i, item in enumerate(catalog.item_ids)]

@@ -1,4 +1,4 @@
-"""``mmfuse <stage> [options]``: the console script; each stage is also ``python -m pipelines.<stage>``."""
+"""``mmfuse <stage> [options]``: the console script; each stage is also ``python -m mmfuse.pipelines.<stage>``."""
 from __future__ import annotations
 
 import difflib
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: mmfuse <stage> [options]   (mmfuse <stage> --help for a stage's options)\n{lines}",
               file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    return importlib.import_module(f"pipelines.{argv[0]}").main(argv[1:])
+    return importlib.import_module(f"mmfuse.pipelines.{argv[0]}").main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ import dataclasses
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import options as o
-from transforms.contract import CatalogColumns, ContractError, InteractionColumns
-from transforms.users import Weighting
+from mmfuse.pipelines import options as o
+from mmfuse.transforms.contract import CatalogColumns, ContractError, InteractionColumns
+from mmfuse.transforms.users import Weighting
 
 
 def names(value: str) -> tuple[str, ...]:
@@ -111,8 +111,8 @@ class Config:
 
 
 def _run(options: PipelineOptions) -> RunConfig:
-    from transforms.media import default_root
-    from transforms.privacy import load_key
+    from mmfuse.transforms.media import default_root
+    from mmfuse.transforms.privacy import load_key
     run, privacy = options.view_as(o.RunOptions), options.view_as(o.PrivacyOptions)
     if not 0 <= run.max_dead_fraction <= 1:
         raise ContractError(f"--max_dead_fraction={run.max_dead_fraction}: must be between 0 and 1")

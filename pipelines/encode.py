@@ -11,15 +11,15 @@ import sys
 
 import apache_beam as beam
 
-from models.registry import MODALITIES, factory
-from pipelines import ingest
-from pipelines.config import Config, EncodeConfig, RunConfig
-from pipelines.job import Job, run_job
-from transforms import embed, media
-from transforms.contract import CatalogColumns, ContractError
-from transforms.deadletter import DEAD
-from transforms.parquet import ReadRows, plan
-from transforms.runs import has_dataset, is_complete, latest_complete
+from mmfuse.models.registry import MODALITIES, factory
+from mmfuse.pipelines import ingest
+from mmfuse.pipelines.config import Config, EncodeConfig, RunConfig
+from mmfuse.pipelines.job import Job, run_job
+from mmfuse.transforms import embed, media
+from mmfuse.transforms.contract import CatalogColumns, ContractError
+from mmfuse.transforms.deadletter import DEAD
+from mmfuse.transforms.parquet import ReadRows, plan
+from mmfuse.transforms.runs import has_dataset, is_complete, latest_complete
 
 
 def fetch_media(job: Job, run: RunConfig, items, kinds: list[str]):
@@ -80,7 +80,7 @@ def check_custom_encoders(opts: EncodeConfig) -> None:
         raise ContractError(f"--custom_encoders: unknown modalities {sorted(unknown)}; known: {list(MODALITIES)}")
     if not custom:
         return
-    from models.custom import is_saved_model  # loads Keras: only when there are custom models
+    from mmfuse.models.custom import is_saved_model  # loads Keras: only when there are custom models
     for modality, (path, _) in custom.items():
         if is_saved_model(path) and not opts.trust_custom_models:
             raise ContractError(f"--custom_encoders: {modality}={path} is a SavedModel, whose graph can read and "

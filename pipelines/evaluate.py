@@ -20,10 +20,10 @@ from typing import Callable
 import numpy as np
 import pyarrow.parquet as pq
 
-from models import align
-from models import evaluation as ev
-from transforms.parquet import read_dataset
-from transforms.runs import is_complete
+from mmfuse.models import align
+from mmfuse.models import evaluation as ev
+from mmfuse.transforms.parquet import read_dataset
+from mmfuse.transforms.runs import is_complete
 
 CONTENT = ("text", "image")
 METHODS = ("popular", "item_knn", "als", "random", "text", "image", "concat", "pca",
@@ -96,7 +96,7 @@ def content_vectors(method: str, known: align.Catalog, catalog: align.Catalog, s
         vectors[catalog.present().sum(1) == 0] = np.nan
         return vectors, {}
     if method == "pca":
-        from pipelines.align import fit_pca_local
+        from mmfuse.pipelines.align import fit_pca_local
         return applied(fit_pca_local(known, dim=64), catalog, split, {})
     return fit_alignment(known, catalog, split, dataclasses.replace(CONFIGS[method], seed=seed))
 

@@ -9,11 +9,11 @@ import sys
 
 import apache_beam as beam
 
-from pipelines.config import Config
-from pipelines.job import Job, run_job
-from transforms.contract import ContractError, check_catalog_schema, check_interactions_schema
-from transforms.parquet import ReadRows, plan
-from transforms.validate import ValidateCatalog, ValidateInteractions
+from mmfuse.pipelines.config import Config
+from mmfuse.pipelines.job import Job, run_job
+from mmfuse.transforms.contract import ContractError, check_catalog_schema, check_interactions_schema
+from mmfuse.transforms.parquet import ReadRows, plan
+from mmfuse.transforms.validate import ValidateCatalog, ValidateInteractions
 
 
 def read_catalog(job: Job, config: Config):

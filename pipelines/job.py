@@ -15,14 +15,14 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-import runners
-from pipelines.config import Config
-from pipelines.options import check_known, help_text
-from transforms import deadletter
-from transforms.contract import ContractError
-from transforms.counting import count_stage
-from transforms.parquet import WriteDataset
-from transforms.runs import METRICS, CommitRun, RunFolder, TooManyDeadLetters
+from mmfuse import runners
+from mmfuse.pipelines.config import Config
+from mmfuse.pipelines.options import check_known, help_text
+from mmfuse.transforms import deadletter
+from mmfuse.transforms.contract import ContractError
+from mmfuse.transforms.counting import count_stage
+from mmfuse.transforms.parquet import WriteDataset
+from mmfuse.transforms.runs import METRICS, CommitRun, RunFolder, TooManyDeadLetters
 
 
 class Job:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import sys
 
-from pipelines import align, encode, ingest, recommend
-from pipelines.config import Config
-from pipelines.job import Job, run_job
+from mmfuse.pipelines import align, encode, ingest, recommend
+from mmfuse.pipelines.config import Config
+from mmfuse.pipelines.job import Job, run_job
 
 
 def build(job: Job, config: Config) -> None:

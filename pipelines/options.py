@@ -6,9 +6,9 @@ import datetime as dt
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from models.collaborative import ANCHORS
-from transforms import topk
-from transforms.contract import CatalogColumns, ContractError, InteractionColumns
+from mmfuse.models.collaborative import ANCHORS
+from mmfuse.transforms import topk
+from mmfuse.transforms.contract import CatalogColumns, ContractError, InteractionColumns
 
 REFIT_DAYS = {"always": 0, "weekly": 7, "never": None}
 FUSIONS = ("mean", "weighted", "attention")

@@ -20,11 +20,11 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.transforms.window import GlobalWindows
 
-from pipelines.config import RecommendConfig
-from pipelines.job import Job
-from transforms import topk
-from transforms.deadletter import dead_letter
-from transforms.users import RecentPopular, UserVectors
+from mmfuse.pipelines.config import RecommendConfig
+from mmfuse.pipelines.job import Job
+from mmfuse.transforms import topk
+from mmfuse.transforms.deadletter import dead_letter
+from mmfuse.transforms.users import RecentPopular, UserVectors
 
 POPULARITY = "popularity"
 _CONTRIBUTIONS = pa.map_(pa.string(), pa.float32())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from runners import local
+from mmfuse.runners import local
 
 
 def create_pipeline(options: PipelineOptions) -> beam.Pipeline:

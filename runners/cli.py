@@ -1,4 +1,4 @@
-"""The command line shared by ``python -m runners.dataflow`` and ``python -m runners.portable``."""
+"""The command line shared by ``python -m mmfuse.runners.dataflow`` and ``python -m mmfuse.runners.portable``."""
 from __future__ import annotations
 
 import argparse

@@ -7,7 +7,7 @@ not be combined with the hint. Workers run the custom SDK container of ``runners
 (TensorFlow with the CUDA it was built for, mmfuse's dependencies and weights); ``--setup_file`` ships
 this checkout's code on top of it.
 
-    mmfuse nightly $(python -m runners.dataflow --project=P --region=R --bucket=gs://B/mmfuse \\
+    mmfuse nightly $(python -m mmfuse.runners.dataflow --project=P --region=R --bucket=gs://B/mmfuse \\
         --image=REGION-docker.pkg.dev/P/mmfuse/worker:TAG) --catalog=gs://... --interactions=gs://... \\
         --output=gs://B/mmfuse/runs
 """
@@ -17,7 +17,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from runners import cli
+from mmfuse.runners import cli
 
 SETUP_FILE = str(Path(__file__).resolve().parent.parent / "setup.py")
 
@@ -72,7 +72,7 @@ class DataflowJob:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.print_args(DataflowJob, argv, "python -m runners.dataflow")
+    return cli.print_args(DataflowJob, argv, "python -m mmfuse.runners.dataflow")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ workers, chosen by the environment type:
   (``python -m apache_beam.runners.worker.worker_pool_main --service_port=50000``, e.g. a sidecar);
 - ``LOOPBACK``: workers inside the submitting process (local trials only).
 
-    mmfuse nightly $(python -m runners.portable --job_endpoint=flink-jobserver:8099 \\
+    mmfuse nightly $(python -m mmfuse.runners.portable --job_endpoint=flink-jobserver:8099 \\
         --environment_type=EXTERNAL --environment_config=localhost:50000 --parallelism=8) --catalog=...
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import dataclasses
 import json
 import sys
 
-from runners import cli
+from mmfuse.runners import cli
 
 ENVIRONMENTS = ("DOCKER", "PROCESS", "EXTERNAL", "LOOPBACK")
 BOOT = "/opt/apache/beam/boot"  # where Beam's SDK images (and ours) keep the worker boot command
@@ -70,7 +70,7 @@ class PortableJob:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.print_args(PortableJob, argv, "python -m runners.portable")
+    return cli.print_args(PortableJob, argv, "python -m mmfuse.runners.portable")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from examples import datasets, demo_data
-from transforms.parquet import read_dataset
+from mmfuse.transforms.parquet import read_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = datasets.root()
@@ -42,7 +42,7 @@ def nightly_args(demo, output, *extra: str) -> list[str]:
 def demo_night(demo, tmp_path_factory) -> Path:
     """One nightly run on the demo data in memory, which several tests compare against: read it, never write
     under it (copy it first)."""
-    from pipelines import nightly
+    from mmfuse.pipelines import nightly
     out = tmp_path_factory.mktemp("demo_night")
     assert nightly.main(nightly_args(demo, out)) == 0
     return out / RUN_DATE
@@ -60,7 +60,7 @@ def movielens_night(tmp_path_factory) -> dict:
 
 
 def movielens_run(paths: dict, out: Path, date: str, catalog=None, media=()) -> Path:
-    from pipelines import nightly
+    from mmfuse.pipelines import nightly
     # The first night fits the alignment for one epoch (its quality is pipelines/evaluate.py's business);
     # the next night reuses that artifact, as a nightly schedule with --refit=never|weekly does.
     assert nightly.main([f"--catalog={catalog or paths['catalog']}", f"--interactions={paths['interactions']}",

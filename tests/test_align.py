@@ -5,8 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from models import align
-from pipelines.align import fit_pca_local
+from mmfuse.models import align
+from mmfuse.pipelines.align import fit_pca_local
 
 SMALL = align.AlignConfig(dim=8, hidden=16, epochs=3, users_per_batch=64, history=5, seed=3)
 

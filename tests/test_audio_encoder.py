@@ -8,8 +8,8 @@ import pytest
 import soundfile as sf
 
 from examples import datasets
-from models.audio import MfccAudioEncoder, MusicnnAudioEncoder, decode_audio
-from models.base import InputError
+from mmfuse.models.audio import MfccAudioEncoder, MusicnnAudioEncoder, decode_audio
+from mmfuse.models.base import InputError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "musicnn_golden.npz"
 MUSIC = datasets.root() / "music"

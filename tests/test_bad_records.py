@@ -9,8 +9,8 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from PIL import Image
 
-from pipelines import nightly
-from pipelines.job import execute
+from mmfuse.pipelines import nightly
+from mmfuse.pipelines.job import execute
 from tests.conftest import RUN_DATE, dataset, metrics
 
 UTC = dt.timezone.utc
@@ -120,7 +120,7 @@ def test_metrics_reconcile_and_match_beam_counters(run):
 def test_a_bigquery_style_export_is_read_whole(tmp_path):
     """INT64 ids, ISO-8601 string timestamps and a null tag: every record passes (each used to be
     dead-lettered, and the run exited 0)."""
-    from pipelines import ingest
+    from mmfuse.pipelines import ingest
     pq.write_table(pa.table({"item_id": pa.array([1, 2, 3], pa.int64()), "title": ["a", "b", "c"],
                              "tags": pa.array([["x", None], None, ["y"]], pa.list_(pa.string()))}),
                    tmp_path / "catalog.parquet")

@@ -1,4 +1,5 @@
-"""The command line: stages run as `mmfuse <stage>` and `python -m pipelines.<stage>`; user errors are one line."""
+"""The command line: stages run as `mmfuse <stage>` and `python -m mmfuse.pipelines.<stage>`; user errors are one
+line."""
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_not_parquet_stops_with_one_line(tmp_path):
     bad = tmp_path / "catalog.parquet"
     bad.write_text("item_id,title\na,b\n")
-    proc = _run(sys.executable, "-m", "pipelines.nightly", f"--catalog={bad}", f"--interactions={bad}",
+    proc = _run(sys.executable, "-m", "mmfuse.pipelines.nightly", f"--catalog={bad}", f"--interactions={bad}",
                 f"--output={tmp_path / 'out'}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -47,7 +48,7 @@ def test_ingest_stage_as_console_script(demo, tmp_path):
 
 
 def test_bad_text_template_stops_with_one_line(demo, tmp_path):
-    proc = _run(sys.executable, "-m", "pipelines.encode", f"--catalog={demo['catalog']}", f"--output={tmp_path}",
+    proc = _run(sys.executable, "-m", "mmfuse.pipelines.encode", f"--catalog={demo['catalog']}", f"--output={tmp_path}",
                 "--text_template={title} / {plot}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -69,7 +70,7 @@ def test_misspelt_options_and_stages_are_refused_with_a_suggestion(tmp_path):
 
 def test_every_stage_accepts_every_stages_options(demo, tmp_path):
     """A scheduler may hand one option set to each stage: ingest takes (and ignores) the alignment's."""
-    from pipelines import ingest
+    from mmfuse.pipelines import ingest
     assert ingest.main([f"--catalog={demo['catalog']}", f"--output={tmp_path}", *DEMO_FLAGS, "--top_k=5",
                         "--runner=DirectRunner"]) == 0
 
@@ -86,13 +87,13 @@ def test_catalog_without_rows_stops_with_one_line(tmp_path):
 
 def test_options_page_is_current():
     """docs/options.md is every stage's --help: regenerate it with `make docs` when an option changes."""
-    from pipelines import helpdoc
+    from mmfuse.pipelines import helpdoc
     assert (ROOT / "docs" / "options.md").read_text() == helpdoc.page(), "docs/options.md is stale: run `make docs`"
 
 
 def test_help_and_docs_speak_of_the_product_only():
     """What users read names no folders they lack and no development history."""
-    from pipelines import helpdoc
+    from mmfuse.pipelines import helpdoc
     texts = {"--help": helpdoc.page(), **{str(p.relative_to(ROOT)): p.read_text()
                                           for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}}
     for name, text in texts.items():
@@ -102,7 +103,7 @@ def test_help_and_docs_speak_of_the_product_only():
 
 def test_evaluate_reads_only_a_complete_run(tmp_path, capsys):
     """A run still being written (or one that died) has no _SUCCESS: evaluate refuses it, as the nightly job does."""
-    from pipelines import evaluate
+    from mmfuse.pipelines import evaluate
     (tmp_path / "run" / "embeddings").mkdir(parents=True)
     assert evaluate.main([f"--catalog={tmp_path}/c.parquet", f"--interactions={tmp_path}/i.parquet",
                           f"--embeddings={tmp_path / 'run'}", f"--output={tmp_path / 'out'}"]) == 2

@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from models import align, collaborative
+from mmfuse.models import align, collaborative
 from tests.test_align import SMALL, _data
 
 
@@ -112,9 +112,9 @@ def test_alignment_keeps_the_closed_form_vectors_fixed_and_saves_them(tmp_path):
 def test_pipeline_options_set_the_caps_and_leave_choices_to_validation():
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.align import align_config
-    from pipelines.config import Config
-    from transforms.contract import ContractError
+    from mmfuse.pipelines.align import align_config
+    from mmfuse.pipelines.config import Config
+    from mmfuse.transforms.contract import ContractError
 
     def settings(options):
         a = Config.parse(options).align

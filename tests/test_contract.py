@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from transforms import contract
-from transforms.contract import CatalogColumns, ContractError, InteractionColumns, Invalid
-from transforms.parquet import list_files, plan
+from mmfuse.transforms import contract
+from mmfuse.transforms.contract import CatalogColumns, ContractError, InteractionColumns, Invalid
+from mmfuse.transforms.parquet import list_files, plan
 
 SPEC = CatalogColumns(vectors=(("features", 4),))
 END = dt.datetime(2026, 11, 27, 23, 59, 59, tzinfo=dt.timezone.utc)
@@ -107,7 +107,7 @@ def test_unusable_files(tmp_path):
 
 
 def test_dead_letters_echo_values_capped():
-    from transforms.deadletter import MAX_CHARS, dead_letter
+    from mmfuse.transforms.deadletter import MAX_CHARS, dead_letter
     letter = dead_letter("catalog", "k" * 10_000, "wrong_type", "title=" + "x" * 10_000, "/c.parquet#row=1")
     assert len(letter["key"]) < MAX_CHARS + 40 and len(letter["message"]) < MAX_CHARS + 40
     assert letter["message"].endswith("(10006 characters)")

@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from models.custom import CustomEncoder, digest
-from pipelines import encode
+from mmfuse.models.custom import CustomEncoder, digest
+from mmfuse.pipelines import encode
 from tests.conftest import RUN_DATE, dataset, metrics
 
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import nightly
+from mmfuse.pipelines import nightly
 from tests.conftest import ROOT, RUN_DATE, dataset, metrics, nightly_args, sorted_rows
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def test_items_are_fused_from_present_modalities(demo_night):
 
 def test_killed_run_leaves_no_success_and_rerun_replaces_it(demo, tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "pipelines.nightly", *nightly_args(demo, out)]
+    args = [sys.executable, "-m", "mmfuse.pipelines.nightly", *nightly_args(demo, out)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 120
@@ -138,7 +138,7 @@ def test_statistical_alignment_night_leaves_no_scratch_files(demo, tmp_path, mon
 def test_pseudonymized_user_ids_reach_no_output(demo, tmp_path, monkeypatch, capfd):
     """With --pseudonymize_user_ids every user id written (users, recommendations, dead letters) is the keyed
     HMAC of the raw one, the same every night, and no raw id reaches the outputs or the console."""
-    from transforms.privacy import pseudonym
+    from mmfuse.transforms.privacy import pseudonym
     key = b"a secret key of 32 bytes, really"
     monkeypatch.setenv("MMFUSE_PSEUDONYM_KEY", key.decode())
     events = pq.read_table(demo["interactions"]).to_pylist()

@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from models.registry import factory
-from pipelines import encode, nightly
+from mmfuse.models.registry import factory
+from mmfuse.pipelines import encode, nightly
 from tests.conftest import RUN_DATE, dataset, metrics, nightly_args
 from tests.test_image_encoder import _png_claiming
 
@@ -116,8 +116,8 @@ def test_model_batches_have_a_fixed_size():
     """A model's floats depend on the batch it runs in (padding, kernel choice by shape). Beam's adaptive
     batching follows timings, so two runs of the same MovieLens night gave vectors 2e-7 apart; fixed
     batches gave identical ones. The encoders and the alignment both batch this way."""
-    from pipelines.align import AlignHandler
-    from transforms.inference import EncoderHandler
+    from mmfuse.pipelines.align import AlignHandler
+    from mmfuse.transforms.inference import EncoderHandler
     for handler in (EncoderHandler(lambda: None, 32), AlignHandler(32)):
         kwargs = handler.batch_elements_kwargs()
         assert kwargs["min_batch_size"] == kwargs["max_batch_size"] == 32
@@ -128,8 +128,8 @@ def test_the_media_size_limit_holds_for_inline_bytes_as_for_files(tmp_path):
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing.util import assert_that, equal_to
 
-    import runners
-    from transforms.media import FetchMedia
+    from mmfuse import runners
+    from mmfuse.transforms.media import FetchMedia
     (tmp_path / "big.png").write_bytes(b"x" * 101)
     (tmp_path / "ok.png").write_bytes(b"x" * 100)
     items = [(name, {"image": data, "image_uri": uri, "source": f"c.parquet#row={i}"}) for i, (name, data, uri) in
@@ -152,8 +152,8 @@ def test_audio_files_go_on_by_reference_checked_and_hashed_whatever_their_size(t
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing.util import assert_that, equal_to
 
-    import runners
-    from transforms.media import FetchMedia, MediaFile
+    from mmfuse import runners
+    from mmfuse.transforms.media import FetchMedia, MediaFile
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "long.wav").write_bytes(b"RIFF" + bytes(996))
     (tmp_path / "secret.wav").write_bytes(b"RIFF" + bytes(10))
@@ -177,9 +177,9 @@ def test_media_are_read_only_from_regular_files_under_the_media_roots(tmp_path):
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing.util import assert_that, equal_to
 
-    import runners
-    from transforms.contract import resolve_uri
-    from transforms.media import FetchMedia
+    from mmfuse import runners
+    from mmfuse.transforms.contract import resolve_uri
+    from mmfuse.transforms.media import FetchMedia
     catalog = tmp_path / "catalog"
     (catalog / "img").mkdir(parents=True)
     (catalog / "img" / "ok.png").write_bytes(_image("PNG"))
@@ -200,7 +200,7 @@ def test_media_are_read_only_from_regular_files_under_the_media_roots(tmp_path):
 
 
 def test_media_roots_default_to_the_catalogs_own_folder(tmp_path):
-    from transforms.media import default_root
+    from mmfuse.transforms.media import default_root
     (tmp_path / "cat").mkdir()
     (tmp_path / "cat" / "a.parquet").write_bytes(b"")
     assert default_root(str(tmp_path / "cat")) == str(tmp_path / "cat")

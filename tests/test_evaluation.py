@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from examples import movielens
-from models import evaluation as ev
+from mmfuse.models import evaluation as ev
 from tests.conftest import shared
 
 

@@ -5,9 +5,9 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from models import collaborative
-from transforms.foldin import FoldIn
-from transforms.sample import FitItems, NewestEvents, seeded_fraction
+from mmfuse.models import collaborative
+from mmfuse.transforms.foldin import FoldIn
+from mmfuse.transforms.sample import FitItems, NewestEvents, seeded_fraction
 
 
 def _collect(tmp_path, build, name="out"):

@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import nightly
+from mmfuse.pipelines import nightly
+from mmfuse.transforms.runs import SUCCESS, latest_complete, prune
 from tests.conftest import RUN_DATE, metrics, nightly_args
 from tests.test_runners import _free_port, _wait_listening, assert_same_runs
-from transforms.runs import SUCCESS, latest_complete, prune
 
 pytestmark = pytest.mark.slow
 BUCKET = "mmfuse-test"

@@ -16,9 +16,9 @@ import pytest
 import sklearn
 from PIL import Image
 
-from models.base import InputError
-from models.image import WEIGHTS_PACKAGE, MobileNetV2ImageEncoder, decode_image, image_input
-from models.torch_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL, load_state_dict
+from mmfuse.models.base import InputError
+from mmfuse.models.image import WEIGHTS_PACKAGE, MobileNetV2ImageEncoder, decode_image, image_input
+from mmfuse.models.torch_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL, load_state_dict
 
 
 @pytest.fixture(scope="module")

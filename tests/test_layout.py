@@ -1,7 +1,11 @@
-"""The design, checked: packages import one another without cycles, and models know nothing of Beam."""
+"""The design, checked: one import namespace, packages that import one another without cycles, and models that
+know nothing of Beam."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 
 from tests.conftest import ROOT
 
@@ -13,7 +17,7 @@ def _imports() -> dict[str, set[str]]:
     modules = {}
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
-            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            name = "mmfuse." + ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
             modules[name] = path
     graph = {}
     for name, path in modules.items():
@@ -47,6 +51,30 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if node not in state and (found := visit(node)):
             return found
     return None
+
+
+def test_code_imports_the_packages_under_mmfuse_only():
+    """A bare ``models`` or ``transforms`` would collide with any other project's; and one module imported
+    under two names is two modules."""
+    bare = {}
+    for path in [*ROOT.glob("*/**/*.py")]:
+        if path.parts[len(ROOT.parts)] in (".venv", ".venv-bench", "demo", "build"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any(n.split(".")[0] in PACKAGES for n in names):
+                bare.setdefault(str(path.relative_to(ROOT)), []).extend(names)
+    assert not bare
+
+
+def test_mmfuse_is_the_only_name_installed():
+    """Outside the checkout (tests put its root on sys.path), the venv offers mmfuse and nothing else of ours."""
+    code = ("import importlib.util as u; print([n for n in ('mmfuse', 'mmfuse.pipelines.nightly', *%r) "
+            "if u.find_spec(n)])" % (PACKAGES,))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    found = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "['mmfuse', 'mmfuse.pipelines.nightly']"
 
 
 def test_no_circular_imports():

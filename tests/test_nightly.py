@@ -14,11 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import nightly
+from mmfuse.pipelines import nightly
+from mmfuse.transforms.contract import ContractError
+from mmfuse.transforms.runs import RunFolder, is_complete, latest_complete, prune
 from tests.conftest import DEMO_FLAGS, ROOT, dataset, metrics
 from tests.test_runners import assert_same_runs
-from transforms.contract import ContractError
-from transforms.runs import RunFolder, is_complete, latest_complete, prune
 
 NIGHTS = ["2026-11-26", "2026-11-27", "2026-11-28", "2026-11-29"]
 # Text and a declared vector keep four nights short; media reuse is covered by tests/test_encode.py.
@@ -85,7 +85,8 @@ def test_rerunning_a_night_gives_the_same_output(nights, tmp_path):
 @pytest.mark.slow
 def test_night_killed_part_way_is_not_the_next_nights_previous(nights):
     out, killed, after = nights["out"], NIGHTS[2], NIGHTS[3]
-    args = [sys.executable, "-m", "pipelines.nightly", *_args(nights["catalog"], nights["interactions"], out, killed)]
+    args = [sys.executable, "-m", "mmfuse.pipelines.nightly",
+            *_args(nights["catalog"], nights["interactions"], out, killed)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 180

@@ -8,8 +8,8 @@ import apache_beam as beam
 import numpy as np
 import pytest
 
-from pipelines import ingest, recommend
-from pipelines.job import execute
+from mmfuse.pipelines import ingest, recommend
+from mmfuse.pipelines.job import execute
 from tests.conftest import RUN_DATE, dataset, metrics
 
 DAY = 86400

@@ -19,11 +19,11 @@ from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.dataflow.internal import apiclient
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-import runners
-from pipelines import nightly
-from pipelines.job import execute
-from pipelines.options import help_text
-from runners import dataflow, portable
+from mmfuse import runners
+from mmfuse.pipelines import nightly
+from mmfuse.pipelines.job import execute
+from mmfuse.pipelines.options import help_text
+from mmfuse.runners import dataflow, portable
 from tests.conftest import ROOT, RUN_DATE, dataset, metrics, nightly_args
 
 VENV_BIN = Path(sys.executable).parent
@@ -139,7 +139,7 @@ def test_portable_runner_with_external_workers_equals_local_runner(demo, demo_ni
     args = portable.PortableJob(job_endpoint=job_endpoint, environment_type="EXTERNAL",
                                 environment_config=pool).args()
     # The CLI, as a scheduler runs it, bounded: a worker that cannot start makes a portable job hang.
-    proc = subprocess.run([sys.executable, "-m", "pipelines.nightly", *nightly_args(demo, tmp_path / "portable"),
+    proc = subprocess.run([sys.executable, "-m", "mmfuse.pipelines.nightly", *nightly_args(demo, tmp_path / "portable"),
                            *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (summary,) = proc.stdout.splitlines()  # one line, for the scheduler's log

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from transforms.contract import ContractError
-from transforms.runs import RunFolder, is_complete, latest_complete
+from mmfuse.transforms.contract import ContractError
+from mmfuse.transforms.runs import RunFolder, is_complete, latest_complete
 
 
 def _stage(run: RunFolder, files: dict[str, str]) -> None:

@@ -4,8 +4,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from models.base import InputError
-from models.text import PACKAGE, MiniLMTextEncoder, pack
+from mmfuse.models.base import InputError
+from mmfuse.models.text import PACKAGE, MiniLMTextEncoder, pack
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec(PACKAGE) is None,
@@ -72,8 +72,8 @@ def test_identifier(encoder):
 
 def test_a_huge_text_field_is_cut_before_the_tokenizer_and_encodes_the_same(encoder):
     """A 50 MB title once took gigabytes to tokenise; the model reads 256 tokens, which come from the cut."""
-    from pipelines.encode import CHARS_PER_TOKEN
-    from transforms.embed import join_text
+    from mmfuse.pipelines.encode import CHARS_PER_TOKEN
+    from mmfuse.transforms.embed import join_text
     words = " ".join(f"word{i}" for i in range(10_000_000))[:50_000_000]
     cut = join_text({"title": words, "tags": ["drama"]}, ("title", "tags"), "", 256 * CHARS_PER_TOKEN)
     assert cut == words[:256 * CHARS_PER_TOKEN] + " | drama"

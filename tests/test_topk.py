@@ -9,9 +9,9 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from models import topk
-from transforms import topk as sharded
-from transforms.topk import TopK
+from mmfuse.models import topk
+from mmfuse.transforms import topk as sharded
+from mmfuse.transforms.topk import TopK
 
 MULTI_PROCESS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 

@@ -13,9 +13,9 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from transforms import media
-from transforms.deadletter import DEAD, dead_letter
-from transforms.inference import Encode
+from mmfuse.transforms import media
+from mmfuse.transforms.deadletter import DEAD, dead_letter
+from mmfuse.transforms.inference import Encode
 
 REUSED = "reused"
 

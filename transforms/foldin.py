@@ -13,7 +13,7 @@ from typing import Callable
 import apache_beam as beam
 import numpy as np
 
-from models.collaborative import fold_in
+from mmfuse.models.collaborative import fold_in
 
 
 class _Table:

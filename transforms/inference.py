@@ -11,9 +11,9 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from models.base import Encoder, InputError
-from transforms import media
-from transforms.deadletter import DEAD, dead_letter
+from mmfuse.models.base import Encoder, InputError
+from mmfuse.transforms import media
+from mmfuse.transforms.deadletter import DEAD, dead_letter
 
 
 class EncoderHandler(ModelHandler[tuple[Any, Any], tuple[Any, np.ndarray], Encoder]):

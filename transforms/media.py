@@ -22,7 +22,7 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.deadletter import DEAD, dead_letter
+from mmfuse.transforms.deadletter import DEAD, dead_letter
 
 
 class _Refused(ValueError):

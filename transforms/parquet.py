@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.contract import ContractError
+from mmfuse.transforms.contract import ContractError
 
 _GLOB = set("*?[")
 

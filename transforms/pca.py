@@ -8,7 +8,7 @@ import posixpath
 import apache_beam as beam
 import numpy as np
 
-from models import pca
+from mmfuse.models import pca
 
 
 class FitPca(beam.PTransform):

@@ -13,7 +13,7 @@ import os
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.contract import ContractError
+from mmfuse.transforms.contract import ContractError
 
 KEY_ENV = "MMFUSE_PSEUDONYM_KEY"
 

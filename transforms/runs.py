@@ -33,8 +33,8 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import counting
-from transforms.contract import ContractError
+from mmfuse.transforms import counting
+from mmfuse.transforms.contract import ContractError
 
 SUCCESS = "_SUCCESS"
 METRICS = "metrics.json"

@@ -31,7 +31,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.transforms.window import GlobalWindows
 
-from models import topk
+from mmfuse.models import topk
 
 USER_BATCH = 8192    # queries per batch: 8192 x 64 float32 is 2 MiB, plus the exclusions
 ITEM_SHARD = 131072  # items per shard: 131072 x 64 float32 is 32 MiB per modality plus the fused vector

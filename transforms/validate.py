@@ -5,9 +5,9 @@ import datetime as dt
 
 import apache_beam as beam
 
-from transforms import contract
-from transforms.deadletter import DEAD, dead_letter
-from transforms.privacy import pseudonym
+from mmfuse.transforms import contract
+from mmfuse.transforms.deadletter import DEAD, dead_letter
+from mmfuse.transforms.privacy import pseudonym
 
 _OLDEST = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
 
