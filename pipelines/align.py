@@ -265,7 +265,9 @@ def align(job: Job, config: Config, rows, interactions, modalities: Sequence[str
     """Items (fused vectors, weights, parts) from embeddings rows; writes ``items`` and the artifact."""
     folder = artifact(job, config, rows, interactions, modalities)
     job.wait_for(folder)
-    inputs = with_folded_cf(rows, interactions, folder) if config.align.collaborative else rows
+    # Folded in whenever the artifact may hold a cf table: a reused artifact's, whatever tonight's
+    # --collaborative says (an artifact without one folds nothing in).
+    inputs = with_folded_cf(rows, interactions, folder) if config.align.kind == "contrastive" else rows
     usable, dead = inputs | "HasModality" >> beam.FlatMap(_has_modality, list(modalities)).with_outputs(DEAD, main="ok")
     metadata = folder | "Metadata" >> beam.Map(lambda path: ModelMetadata(model_id=path, model_name=ARTIFACT))
     fused = usable | "Fuse" >> RunInference(AlignHandler(), model_metadata_pcoll=metadata)

@@ -4,7 +4,9 @@ The fit computes cf vectors for its bounded sample only (``models.collaborative`
 interactions is folded in by the same regression: each user's sum of the table's anchor vectors is made where
 that user's interactions are grouped, each item's sum of its users' vectors is combined per item, and the
 fit's solver turns that sum into the item's vector. Two shuffles of the interactions; a worker holds one
-user's items, a d-vector per item key being combined, and the table (bounded by the fit's caps).
+user's items, a d-vector per item key being combined, and the table (bounded by the fit's caps). The sums are
+of fixed-point integers (``SCALE``), whose addition does not depend on the order a runner combines them in,
+so the same inputs give the same vectors bit for bit.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import apache_beam as beam
 import numpy as np
 
 from mmfuse.models.collaborative import fold_in
+
+SCALE = 2.0 ** 32  # fixed point of the summed vectors: 2e-10 resolution, |sums| up to 2e9 in an int64
 
 
 class _Table:
@@ -48,7 +52,7 @@ class _UserVectors(_WithTable):
         anchors = rows[rows >= 0][table.anchor[rows[rows >= 0]]]
         if not len(anchors) or (rows >= 0).all():
             return
-        user = table.vectors[anchors].sum(0, dtype=np.float64)
+        user = np.rint(table.vectors[anchors].sum(0, dtype=np.float64) * SCALE).astype(np.int64)
         for item, row in zip(items, rows):
             if row < 0:
                 yield item, user
@@ -59,11 +63,11 @@ class _Fold(_WithTable):
 
     def process(self, element, folder):
         item, total = element
-        yield item, fold_in(self._tables.get(folder).solver, total[None, :])[0]
+        yield item, fold_in(self._tables.get(folder).solver, total[None, :] / SCALE)[0]
 
 
 class _VectorSum(beam.CombineFn):
-    """Elementwise sum of numpy vectors, in place in the accumulator."""
+    """Elementwise sum of integer vectors, in place in the accumulator (exact: any order gives the same sum)."""
 
     def create_accumulator(self):
         return None
