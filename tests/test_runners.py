@@ -239,7 +239,7 @@ def test_dataflow_options_command_line(capsys):
 
 def test_flex_template_parameters_are_nightly_options():
     metadata = json.loads((ROOT / "runners" / "flex_template" / "metadata.json").read_text())
-    known = help_text("mmfuse nightly")
+    known = help_text("nightly")
     required = {p["name"] for p in metadata["parameters"] if not p.get("isOptional")}
     assert required == {"catalog", "interactions", "output"}
     for parameter in metadata["parameters"]:
