@@ -200,24 +200,25 @@ def _stamp(folder: str, run_date: str) -> str:
     return folder
 
 
-def artifact(job: Job, settings: Config, rows, interactions, modalities: Sequence[str]):
-    """PCollection of the one artifact folder this run applies: fitted now, or the previous run's copied in."""
+def artifact(job: Job, config: Config, rows, interactions, modalities: Sequence[str]):
+    """PCollection of the one artifact folder this run applies, fitted now or the previous run's copied in,
+    and the folder reused (None when fitted now)."""
     from mmfuse.pipelines.encode import modality_dims, previous_run
-    a = settings.align
-    kind, config = a.kind, align_config(a)
+    a = config.align
+    kind, fit_config = a.kind, align_config(a)
     folder = posixpath.join(job.run.staging, ARTIFACT)
-    reuse = _reusable(previous_run(settings), a.refit_days, job.run.run_date, kind)
-    job.report["alignment"] = {"kind": kind, "fusion": config.fusion, "dim": config.dim,
+    reuse = _reusable(previous_run(config), a.refit_days, job.run.run_date, kind)
+    job.report["alignment"] = {"kind": kind, "fusion": fit_config.fusion, "dim": fit_config.dim,
                                "reused_from": reuse}
     if reuse:
         fitted = (job.pipeline | "PreviousAlignment" >> beam.Create([reuse])
                   | "CopyIn" >> beam.Map(_copy_artifact, folder))
     elif kind == "pca":
         from mmfuse.transforms.pca import FitPca
-        dims = modality_dims(settings, list(modalities))
-        meta = dataclasses.asdict(config)
+        dims = modality_dims(config, list(modalities))
+        meta = dataclasses.asdict(fit_config)
         fitted = (rows
-                  | "FitPca" >> FitPca(dims, config.dim, folder, posixpath.join(job.run.temp, "tft"))
+                  | "FitPca" >> FitPca(dims, fit_config.dim, folder, posixpath.join(job.run.temp, "tft"))
                   | "AllFitted" >> beam.combiners.ToList()
                   | "WriteConfig" >> beam.Map(lambda _: _pca_config(folder, dims, meta)))
     else:
@@ -227,14 +228,14 @@ def artifact(job: Job, settings: Config, rows, interactions, modalities: Sequenc
         sample = (rows
                   | "CompactRows" >> beam.Map(_compact, list(modalities))
                   | "FitItems" >> FitItems(events, a.fit_items, a.seed))
-        accelerator = settings.encode.accelerator
+        accelerator = config.encode.accelerator
         fit = beam.Map(fit_contrastive, beam.pvalue.AsSingleton(sample), beam.pvalue.AsSingleton(events),
-                       list(modalities), config)
+                       list(modalities), fit_config)
         fitted = (job.pipeline
                   | "Folder" >> beam.Create([folder])
                   | "FitContrastive" >> (fit.with_resource_hints(accelerator=accelerator) if accelerator else fit))
     run_date = job.run.run_date
-    return fitted | "Stamp" >> beam.Map(_stamp, run_date)
+    return fitted | "Stamp" >> beam.Map(_stamp, run_date), reuse
 
 
 def _pca_config(folder: str, dims: dict[str, int], config: dict) -> str:
@@ -263,11 +264,12 @@ def with_folded_cf(rows, interactions, folder):
 
 def align(job: Job, config: Config, rows, interactions, modalities: Sequence[str]):
     """Items (fused vectors, weights, parts) from embeddings rows; writes ``items`` and the artifact."""
-    folder = artifact(job, config, rows, interactions, modalities)
+    folder, reused = artifact(job, config, rows, interactions, modalities)
     job.wait_for(folder)
-    # Folded in whenever the artifact may hold a cf table: a reused artifact's, whatever tonight's
-    # --collaborative says (an artifact without one folds nothing in).
-    inputs = with_folded_cf(rows, interactions, folder) if config.align.kind == "contrastive" else rows
+    # A reused artifact may hold a cf table whatever tonight's --collaborative says (one without folds
+    # nothing in); a fit made tonight holds one exactly when --collaborative asks for it.
+    may_hold_cf = config.align.kind == "contrastive" and (config.align.collaborative or reused is not None)
+    inputs = with_folded_cf(rows, interactions, folder) if may_hold_cf else rows
     usable, dead = inputs | "HasModality" >> beam.FlatMap(_has_modality, list(modalities)).with_outputs(DEAD, main="ok")
     metadata = folder | "Metadata" >> beam.Map(lambda path: ModelMetadata(model_id=path, model_name=ARTIFACT))
     fused = usable | "Fuse" >> RunInference(AlignHandler(), model_metadata_pcoll=metadata)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -23,15 +24,16 @@ def pairs(value: str, option: str, kind=float, positive: bool = False) -> dict:
     """``NAME:NUMBER,...`` -> ``{name: number}``, numbers of ``kind`` (and > 0 with ``positive``)."""
     out = {}
     for part in names(value):
-        name, _, number = part.partition(":")
+        name, _, text = part.partition(":")
         try:
-            out[name] = kind(number)
+            number = kind(text)
         except ValueError:
-            out[name] = None
-        if not name or out[name] is None or (positive and out[name] <= 0):
+            number = None
+        if not name or number is None or not math.isfinite(number) or (positive and number <= 0):
             what = "POSITIVE_" if positive else ""
             raise ContractError(f"{option}: expected NAME:{what}{'INTEGER' if kind is int else 'NUMBER'} items, "
                                 f"got {part!r}")
+        out[name] = number
     return out
 
 

@@ -137,14 +137,14 @@ def _create_exclusive(path: str, data: bytes) -> bool:
 
 
 def _read_json(path: str):
-    """The file's JSON; None when it is absent, gone meanwhile (object stores raise their own not-found
-    errors) or cut short by a kill."""
+    """The file's JSON; None when it is absent (asked first: an object store's "not found" is no OSError) or
+    cut short by a kill."""
     if not FileSystems.exists(path):
         return None
     try:
         with FileSystems.open(path) as f:
             return json.loads(f.read().decode())
-    except Exception:  # noqa: BLE001 - any store's "not found", or a partial file
+    except (OSError, ValueError):  # gone meanwhile on a local disk, or a partial file
         return None
 
 
