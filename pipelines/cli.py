@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: mmfuse <stage> [options]   (mmfuse <stage> --help for a stage's options)\n{lines}",
               file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    from mmfuse.runners import process  # Beam: loaded once a stage is named
+    process.prepare()
     return importlib.import_module(f"mmfuse.pipelines.{argv[0]}").main(argv[1:])
 
 

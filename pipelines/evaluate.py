@@ -15,15 +15,18 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from mmfuse.models import align
 from mmfuse.models import evaluation as ev
+from mmfuse.runners import process
 from mmfuse.transforms.parquet import read_dataset
 from mmfuse.transforms.runs import is_complete
+
+if TYPE_CHECKING:  # Keras loads in the functions that fit, after the command line is parsed
+    from mmfuse.models import align
 
 CONTENT = ("text", "image")
 METHODS = ("popular", "item_knn", "als", "random", "text", "image", "concat", "pca",
@@ -42,6 +45,7 @@ class Split:
 
 def load(catalog: str, interactions: str, embeddings: str) -> tuple[ev.Interactions, align.Catalog]:
     """Interactions on the catalog's items (catalog order, so time ties break by it) and their vectors."""
+    from mmfuse.models import align
     items = pq.read_table(catalog, columns=["item_id"])["item_id"].to_pylist()
     inter = ev.Interactions.from_table(pq.read_table(interactions), items)
     table = read_dataset(embeddings, "embeddings")
@@ -64,6 +68,7 @@ def fit_alignment(known: align.Catalog, catalog: align.Catalog, split: Split,
                   config: align.AlignConfig) -> tuple[np.ndarray, dict]:
     """Fitted on the split's training side (``known`` hides the cold split's held-out items), then applied
     to the whole ``catalog``."""
+    from mmfuse.models import align
     fitted = align.fit_and_refit(known, _arrays(split.fit), _arrays(split.val), config)
     return applied(fitted, catalog, split, {"epochs": fitted.metrics["epochs"],
                                             "val_loss": round(fitted.metrics["best_val_loss"], 4),
@@ -96,19 +101,21 @@ def content_vectors(method: str, known: align.Catalog, catalog: align.Catalog, s
         vectors[catalog.present().sum(1) == 0] = np.nan
         return vectors, {}
     if method == "pca":
-        from mmfuse.pipelines.align import fit_pca_local
-        return applied(fit_pca_local(known, dim=64), catalog, split, {})
-    return fit_alignment(known, catalog, split, dataclasses.replace(CONFIGS[method], seed=seed))
+        from mmfuse.transforms.pca import fit_in_memory
+        return applied(fit_in_memory(known, dim=64), catalog, split, {})
+    from mmfuse.models import align
+    return fit_alignment(known, catalog, split, align.AlignConfig(**CONFIGS[method], seed=seed))
 
 
 CONFIGS = {  # the contrastive methods; contrastive_cf is the nightly job's default
-    "contrastive_mean": align.AlignConfig(fusion="mean", collaborative=False),
-    "contrastive_attention": align.AlignConfig(fusion="attention", collaborative=False),
-    "contrastive_cf": align.AlignConfig(),
+    "contrastive_mean": {"fusion": "mean", "collaborative": False},
+    "contrastive_attention": {"fusion": "attention", "collaborative": False},
+    "contrastive_cf": {},
 }
 
 
 def run(inter: ev.Interactions, catalog: align.Catalog, methods=METHODS, seed: int = 0, log=print) -> dict:
+    from mmfuse.models import align
     train, test = ev.warm_split(inter)
     fit, val = ev.validation_split(train)
     cold_train, cold_test, held_out = ev.cold_split(inter, seed)
@@ -191,6 +198,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    process.prepare()
     parser = argparse.ArgumentParser(prog="mmfuse evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalog", required=True, help="Catalog Parquet (its item order breaks time ties)")
     parser.add_argument("--interactions", required=True, help="Interactions Parquet")

@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from mmfuse import runners
 from mmfuse.pipelines.config import Config
 from mmfuse.pipelines.options import check_known, help_text
+from mmfuse.runners import process
 from mmfuse.transforms import deadletter
 from mmfuse.transforms.contract import ContractError
 from mmfuse.transforms.counting import count_stage
@@ -86,6 +87,7 @@ def execute(build: Callable[[Job, Config], None], argv: list[str] | None):
 def run_job(name: str, build: Callable[[Job, Config], None], argv: list[str] | None) -> int:
     """The command line of a job: user errors become one line on stderr and exit code 2, a stage that
     dead-lettered too much exit code 3, any other failure exit code 1."""
+    process.prepare()
     logging.getLogger().setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.transforms.window import GlobalWindows
 
+from mmfuse.models.ranking import Ranked
 from mmfuse.pipelines.config import RecommendConfig
 from mmfuse.pipelines.job import Job
 from mmfuse.transforms import topk
@@ -91,7 +92,7 @@ def _popular(user: dict, popular: list, k: int):
     best = [(item, share) for item, share in popular if item not in seen][:k]
     if best:
         scores = np.array([s for _, s in best], dtype=np.float32)
-        yield user["user_id"], topk.Ranked(user["user_id"], np.array([i for i, _ in best]), scores,
+        yield user["user_id"], Ranked(user["user_id"], np.array([i for i, _ in best]), scores,
                                            (POPULARITY,), scores[:, None])
 
 

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from examples import datasets, demo_data
+from mmfuse.runners import process
 from mmfuse.transforms.parquet import read_dataset
+
+process.prepare()
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = datasets.root()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmfuse.models import align
-from mmfuse.pipelines.align import fit_pca_local
+from mmfuse.transforms.pca import fit_in_memory
 
 SMALL = align.AlignConfig(dim=8, hidden=16, epochs=3, users_per_batch=64, history=5, seed=3)
 
@@ -41,6 +41,7 @@ def _check_items(out, present):
     assert (out["parts"][~present] == 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", ["attention", "mean", "weighted"])
 def test_each_missing_modality_in_turn(fitted, fusion):
     catalog, train, val, model = fitted
@@ -69,6 +70,7 @@ def test_each_missing_modality_in_turn(fitted, fusion):
         assert np.allclose(both["weights"][0], [3 / 7, 1 / 7, 1 / 7, 2 / 7], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_collaborative_modality_only_for_trained_items(fitted):
     catalog, train, _, model = fitted
     out = model.apply(catalog.item_ids, catalog.features)
@@ -76,6 +78,7 @@ def test_collaborative_modality_only_for_trained_items(fitted):
     assert np.array_equal(has_cf, np.isin(np.arange(len(catalog.item_ids)), train[1]))
 
 
+@pytest.mark.slow
 def test_same_seed_same_vectors_and_saved_artifact_applies_to_new_items(fitted, tmp_path):
     catalog, train, val, model = fitted
     again = align.fit(catalog, train, val, SMALL)
@@ -97,6 +100,7 @@ def test_same_seed_same_vectors_and_saved_artifact_applies_to_new_items(fitted, 
     assert alone["mask"][0, loaded.modalities.index(align.CF)] == 0  # never trained on: no cf vector
 
 
+@pytest.mark.slow
 def test_training_reduces_both_losses(fitted):
     metrics = fitted[3].metrics
     assert metrics["val_loss"][-1] < metrics["val_loss"][0] and metrics["loss"][-1] < metrics["loss"][0]
@@ -110,13 +114,14 @@ def test_examples_are_earlier_items_in_time_order():
     assert histories.tolist() == [[-1, 6], [6, 7]]
 
 
+@pytest.mark.slow
 def test_pca_alignment_matches_numpy():
     catalog, _, _ = _data()
     features = dict(catalog.features)
     features["image"] = features["image"].copy()
     features["image"][::5] = np.nan  # tft.pca is fitted on the items that have the modality
     catalog = align.Catalog(catalog.item_ids, features)
-    pca = fit_pca_local(catalog, dim=4)
+    pca = fit_in_memory(catalog, dim=4)
     out = pca.apply(catalog.item_ids, catalog.features)
     for j, m in enumerate(pca.modalities):
         x = catalog.features[m]
@@ -130,9 +135,10 @@ def test_pca_alignment_matches_numpy():
     _check_items(out, out["mask"] > 0)
 
 
+@pytest.mark.slow
 def test_pca_pads_a_modality_with_fewer_dimensions_than_the_shared_space():
     catalog, _, _ = _data()  # audio has 6 dimensions, the shared space 8
-    pca = fit_pca_local(catalog, dim=8)
+    pca = fit_in_memory(catalog, dim=8)
     out = pca.apply(catalog.item_ids, catalog.features)
     assert out["aligned"].shape == (len(catalog.item_ids), 3, 8) and out["fused"].shape == (len(catalog.item_ids), 8)
     audio = out["aligned"][:, pca.modalities.index("audio")]
@@ -140,26 +146,52 @@ def test_pca_pads_a_modality_with_fewer_dimensions_than_the_shared_space():
     _check_items(out, out["mask"] > 0)
 
 
+@pytest.mark.slow
 def test_choices_are_made_on_validation_and_saved(tmp_path):
     catalog, train, val = _data()
     fitted = align.fit_and_refit(catalog, train, val, SMALL)
     chosen = fitted.metrics["chosen_on_validation"]
-    best = lambda figures: max(figures, key=lambda name: figures[name]["ndcg@20"])  # noqa: E731
+    best = lambda figures, key="ndcg@20": max(figures, key=lambda name: figures[name][key])  # noqa: E731
     assert sorted(chosen["cf_beta"]) == sorted(str(b) for b in align.CF_BETAS)
     assert fitted.config.cf_beta == float(best(chosen["cf_beta"]))
-    assert sorted(chosen["fusion"]) == sorted(["attention", *(f"weighted cf {w}" for w in align.CF_WEIGHTS)])
-    if best(chosen["fusion"]) == "attention":
+    candidates = align._fusions(fitted.modalities)
+    assert set(chosen["fusion"]) == set(candidates) and len(candidates) == 1 + 3 * 7  # 3 content modalities
+    leading = {"cf": 0.7, "text": 0.24, "image": 0.03, "audio": 0.03}
+    assert candidates["weighted cf 0.7 text 0.8"] == pytest.approx(leading)
+    for figures in chosen["fusion"].values():  # warm and cold validation figures of each candidate
+        assert figures["warm + cold ndcg@20"] == pytest.approx(figures["ndcg@20"] + figures["cold ndcg@20"], abs=2e-4)
+    chosen_name = best(chosen["fusion"], "warm + cold ndcg@20")
+    if chosen_name == "attention":
         assert fitted.config.fusion == fitted.model.fusion == "attention"
     else:
-        weights = fitted.config.fusion_weights
-        assert fitted.model.fusion == "weighted" and f"weighted cf {weights[align.CF]}" == best(chosen["fusion"])
-        assert np.isclose(sum(weights.values()), 1.0) and set(weights) == set(fitted.modalities)
+        assert fitted.model.fusion == "weighted" and fitted.config.fusion_weights == candidates[chosen_name]
     fitted.save(tmp_path)
     assert align.load(tmp_path).config == fitted.config  # the choices travel with the artifact
 
 
+@pytest.mark.slow
 def test_training_time_is_bounded():
     catalog, train, val = _data()
     fitted = align.fit(catalog, train, val, dataclasses.replace(SMALL, epochs=40, patience=40, max_seconds=1e-3))
     assert fitted.metrics["stopped_by_time"] and len(fitted.metrics["loss"]) == 1
     assert not align.fit(catalog, train, val, SMALL).metrics["stopped_by_time"]
+
+
+def test_fusion_splits_each_vector_into_its_modalities_parts():
+    """The arithmetic every artifact fuses with: weights renormalise over the present modalities, the parts
+    sum to the unit fused vector, and an item with nothing present gets zeros."""
+    rng = np.random.default_rng(0)
+    aligned = rng.normal(size=(4, 3, 5)).astype(np.float32)
+    aligned /= np.linalg.norm(aligned, axis=-1, keepdims=True)
+    mask = np.array([[1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 0, 0]], np.float32)
+    logits = np.broadcast_to(align.fixed_logits(["text", "image", "cf"], "weighted",
+                                                {"text": 0.2, "image": 0.3, "cf": 0.5}), mask.shape)
+    fused, weights, parts = (np.asarray(x) for x in align.fuse(aligned * mask[..., None], mask, logits))
+    np.testing.assert_allclose(weights[0], [0.2, 0.3, 0.5], atol=1e-6)
+    np.testing.assert_allclose(weights[1], [0.2 / 0.7, 0, 0.5 / 0.7], atol=1e-6)
+    np.testing.assert_allclose(weights[2], [0, 0, 1], atol=1e-6)
+    np.testing.assert_allclose(parts.sum(1), fused, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(fused[:3], axis=1), 1.0, atol=1e-6)
+    assert not fused[3].any() and not weights[3].any()
+    for weights in align._fusions(["text", "image", "cf"]).values():
+        assert weights is None or np.isclose(sum(weights.values()), 1.0)

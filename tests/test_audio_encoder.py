@@ -41,6 +41,7 @@ def golden():
 
 
 @needs_musicnn
+@pytest.mark.slow
 def test_port_matches_original_graph(musicnn, golden):
     synthetic = golden["synthetic_codes"].astype(np.float32) / 32
     np.testing.assert_allclose(musicnn.embed_patches(synthetic), golden["synthetic_penultimate"], atol=1e-4)
@@ -49,6 +50,7 @@ def test_port_matches_original_graph(musicnn, golden):
 
 
 @needs_musicnn
+@pytest.mark.slow
 @pytest.mark.skipif(not MUSIC.is_dir(), reason="no music data set ($MMFUSE_DATA)")
 def test_preprocess_reproduces_fixture_patches(musicnn, golden):
     name, start_s, length_s = golden["music_source"]
@@ -129,6 +131,7 @@ def test_real_music_ogg_decodes():
 
 
 @needs_musicnn
+@pytest.mark.slow
 def test_musicnn_vectors(musicnn):
     clips = [encode(tone(s, 22050), 22050, "OGG") for s in (1.0, 7.0)]
     inputs = [musicnn.preprocess(c) for c in clips]

@@ -61,6 +61,7 @@ def run(tmp_path_factory):
     return result, folder.final, root
 
 
+@pytest.mark.slow
 def test_each_bad_record_is_dead_lettered_once(run):
     _, out, root = run
     dead = {(r["stage"], r["key"], r["error"]): r for r in dataset(out, "dead_letter").to_pylist()}
@@ -91,6 +92,7 @@ def test_each_bad_record_is_dead_lettered_once(run):
     assert "has 3 values, declared 4" in dead[("encode:features", "short-vector", "bad_vector")]["message"]
 
 
+@pytest.mark.slow
 def test_good_records_flow_on(run):
     _, out, _ = run
     embeddings = {r["item_id"]: r for r in dataset(out, "embeddings").to_pylist()}
@@ -100,6 +102,7 @@ def test_good_records_flow_on(run):
     assert embeddings["nan-vector"]["features"] is None
 
 
+@pytest.mark.slow
 def test_metrics_reconcile_and_match_beam_counters(run):
     result, out, _ = run
     report = metrics(out)

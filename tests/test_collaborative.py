@@ -86,6 +86,7 @@ def test_items_beyond_the_anchors_are_folded_in_by_ridge_regression():
                 > vectors[same] @ vectors[factors.anchors[factors.anchors >= 10]].mean(0)).all()
 
 
+@pytest.mark.slow
 def test_alignment_keeps_the_closed_form_vectors_fixed_and_saves_them(tmp_path):
     catalog, train, val = _data()
     config = dataclasses.replace(SMALL, cf_beta=0.6)

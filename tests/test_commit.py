@@ -12,6 +12,8 @@ from tests.conftest import ROOT, RUN_DATE, dataset, metrics
 
 STEPS = ("journal", "unmark", "clear", "move", "mark", "clean")  # transforms/runs.py, in commit order
 
+pytestmark = pytest.mark.slow  # every test here runs a pipeline
+
 
 def _ingest(catalog, demo, out, *extra, **env) -> subprocess.CompletedProcess:
     return subprocess.run([str(ROOT / ".venv" / "bin" / "mmfuse"), "ingest", f"--catalog={catalog}",

@@ -14,6 +14,8 @@ from mmfuse.models.custom import CustomEncoder, digest
 from mmfuse.pipelines import encode
 from tests.conftest import RUN_DATE, dataset, metrics
 
+pytestmark = pytest.mark.slow  # every test here builds Keras models
+
 
 def _png(colour, size=(40, 30)) -> bytes:
     out = io.BytesIO()

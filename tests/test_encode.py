@@ -116,8 +116,7 @@ def test_model_batches_have_a_fixed_size():
     """A model's floats depend on the batch it runs in (padding, kernel choice by shape). Beam's adaptive
     batching follows timings, so two runs of the same MovieLens night gave vectors 2e-7 apart; fixed
     batches gave identical ones. The encoders and the alignment both batch this way."""
-    from mmfuse.pipelines.align import AlignHandler
-    from mmfuse.transforms.inference import EncoderHandler
+    from mmfuse.transforms.inference import AlignHandler, EncoderHandler
     for handler in (EncoderHandler(lambda: None, 32), AlignHandler(32)):
         kwargs = handler.batch_elements_kwargs()
         assert kwargs["min_batch_size"] == kwargs["max_batch_size"] == 32

@@ -3,6 +3,7 @@ import json
 
 import apache_beam as beam
 import numpy as np
+import pytest
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from mmfuse.models import collaborative
@@ -24,6 +25,7 @@ def _events(n=5000, seed=0):
                                                            rng.zipf(1.5, n) % 700)]
 
 
+@pytest.mark.slow
 def test_newest_events_are_exactly_the_n_newest_ties_by_id(tmp_path):
     events = _events()
     for n in (300, 4999, 6000):  # the quantile cut binds, barely binds, and has nothing to cut
@@ -31,6 +33,7 @@ def test_newest_events_are_exactly_the_n_newest_ties_by_id(tmp_path):
         assert [tuple(e) for e in got[0]] == sorted(events, reverse=True)[:n]
 
 
+@pytest.mark.slow
 def test_fit_items_are_the_most_touched_then_a_seeded_sample(tmp_path):
     events = _events()
     rows = [{"item_id": f"i{i}", "x": [float(i)]} for i in range(1000)]

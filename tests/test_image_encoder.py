@@ -29,6 +29,7 @@ def encoder():
     return MobileNetV2ImageEncoder()
 
 
+@pytest.mark.slow
 def test_china_is_a_palace(encoder):
     data = (Path(sklearn.__file__).parent / "datasets/images/china.jpg").read_bytes()
     x = encoder.preprocess(data)

@@ -64,6 +64,7 @@ def _brute_force(query, vectors, ids, banned, k):
     return [ids[j] for j in order], scores[order]
 
 
+@pytest.mark.slow
 def test_recommend_equals_numpy_reference(tmp_path):
     items, interactions, vectors = _random_world()
     ids = [i["item_id"] for i in items]
@@ -116,6 +117,7 @@ def test_recommend_equals_numpy_reference(tmp_path):
         assert similar[ids[j]] == _brute_force(vectors[j], vectors, ids, {ids[j]}, 5)[0]
 
 
+@pytest.mark.slow
 def test_fallback_recommends_popular_recent_unseen_items(tmp_path):
     recent = int(1.7e9) + 100 * DAY
     items = [{"item_id": f"p{j}", "vector": [1.0, float(j)], "weights": {"cf": 1.0}, "parts": {"cf": [1.0, float(j)]}}

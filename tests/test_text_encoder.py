@@ -17,6 +17,7 @@ def encoder():
     return MiniLMTextEncoder()
 
 
+@pytest.mark.slow
 def test_reference_similarities(encoder):
     """The cosine matrix published for this model (docs/encoders.md): proves the weights load correctly."""
     texts = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
@@ -37,6 +38,7 @@ def test_pack_layout():
     np.testing.assert_array_equal(grid.ravel()[slots], np.arange(len(ids)))
 
 
+@pytest.mark.slow
 def test_batch_does_not_change_embeddings(encoder):
     """An item's vector does not depend on the other items in its batch (their lengths, hence the padded
     attention grid) nor on its place in the batch."""
@@ -70,6 +72,7 @@ def test_identifier(encoder):
     assert name == "all-MiniLM-L6-v2" and len(digest) == 12
 
 
+@pytest.mark.slow
 def test_a_huge_text_field_is_cut_before_the_tokenizer_and_encodes_the_same(encoder):
     """A 50 MB title once took gigabytes to tokenise; the model reads 256 tokens, which come from the cut."""
     from mmfuse.pipelines.encode import CHARS_PER_TOKEN

@@ -9,7 +9,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from mmfuse.models import topk
+from mmfuse.models import ranking, topk
 from mmfuse.transforms import topk as sharded
 from mmfuse.transforms.topk import TopK
 
@@ -109,11 +109,11 @@ def test_utf8_ids_keep_their_order_and_round_trip():
 def test_spans_cover_the_counted_buckets_in_near_equal_ranges():
     counts = np.random.default_rng(0).integers(0, 50, sharded.BUCKETS)
     counts[:5] = 0  # empty ranges are left out
-    spans = sharded.spans(counts, 300)
+    spans = ranking.spans(counts, 300)
     assert sum(s.rows for s in spans) == counts.sum() and all(s.rows > 0 for s in spans)
     assert len(spans) <= int(np.ceil(counts.sum() / 300))
     assert all(a.hi <= b.lo for a, b in zip(spans, spans[1:]))
-    assert len(sharded.spans(counts, 1)) == np.count_nonzero(counts)  # at most one span per bucket
+    assert len(ranking.spans(counts, 1)) == np.count_nonzero(counts)  # at most one span per bucket
 
 
 def test_compile_kernels_compiles_what_top_k_runs():
@@ -124,9 +124,9 @@ def test_compile_kernels_compiles_what_top_k_runs():
     compiled = [len(kernel.signatures) for kernel in kernels]
     rng = np.random.default_rng(0)
     q, x = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((30, 8)).astype(np.float32)
-    shard = sharded.Shard.stack([{"item_id": f"i{j}", "vector": x[j], "parts": {"text": x[j]}} for j in range(30)])
+    shard = ranking.Shard.stack([{"item_id": f"i{j}", "vector": x[j], "parts": {"text": x[j]}} for j in range(30)])
     shard = shard.take(np.argsort(shard.ids))
-    batch = sharded.Batch.stack([("u", q[0], ["i3", "i7"])])
+    batch = ranking.Batch.stack([("u", q[0], ["i3", "i7"])])
     found, cols = topk.HashIndex(shard.ids, shard.hashes).find(batch.excluded_ids, topk.mixed_hash(batch.excluded_ids))
     columns, _ = topk.top_k(q, shard.vectors, 3, (np.zeros(found.sum(), np.int64), cols[found]))
     topk.contributions(q, shard.parts, shard.has, columns)
@@ -178,6 +178,7 @@ def check_against_brute_force(got, q, x, k, excluded, item_ids):
         assert np.isnan(image).tolist() == [int(item[1:]) % 3 == 0 for item in r.item_ids.tolist()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_queries,n_items,dim,k,n_excluded", [(300, 2500, 8, 10, 30), (50, 40, 4, 20, 0),
                                                                 (120, 1500, 16, 5, 0)])
 def test_sharded_transform_equals_brute_force(tmp_path, n_queries, n_items, dim, k, n_excluded):
@@ -189,6 +190,7 @@ def test_sharded_transform_equals_brute_force(tmp_path, n_queries, n_items, dim,
     assert same(whole) == same(got)  # the same bits however the queries and items are cut up
 
 
+@pytest.mark.slow
 def test_two_worker_processes_equal_brute_force(tmp_path):
     """Several shards and batches over two SDK worker processes: each worker gets a share of every stage,
     the pieces travel between processes, and the partials of a batch come from both workers."""
@@ -199,10 +201,10 @@ def test_two_worker_processes_equal_brute_force(tmp_path):
 
 def test_lost_or_duplicated_pieces_fail_the_job():
     """What the runner drops or repeats is caught where pieces meet, never turned into a wrong ranking."""
-    shard = sharded.Shard.stack([{"item_id": f"i{j}", "vector": np.ones(2), "parts": {}} for j in range(50)])
+    shard = ranking.Shard.stack([{"item_id": f"i{j}", "vector": np.ones(2), "parts": {}} for j in range(50)])
     pieces = {key: [piece] for key, piece in sharded._cut(shard, 7)}
     counts = collections.Counter({key: len(p.ids) for key, (p,) in pieces.items()})
-    (span,) = sharded.spans(sharded.bucket_counts(counts), 1000)
+    (span,) = ranking.spans(sharded.bucket_counts(counts), 1000)
     assert len(sharded._read(side_input(pieces), span, counts).ids) == 50
     first = min(pieces)
     lost = {key: p for key, p in pieces.items() if key != first}
@@ -219,7 +221,7 @@ def test_pieces_are_keyed_by_bucket_and_group():
     """A side-input lookup returns one group's share of a bucket, so its size does not grow with the
     catalogue: consecutive blocks a worker cuts, in one bundle or several, form groups of up to the group
     size. Groups that share a name (an item read twice) add up under one key."""
-    blocks = [sharded.Shard.stack([{"item_id": f"b{b}i{j}", "vector": np.ones(2), "parts": {}} for j in range(300)])
+    blocks = [ranking.Shard.stack([{"item_id": f"b{b}i{j}", "vector": np.ones(2), "parts": {}} for j in range(300)])
               for b in range(3)]
     cut = sharded._Cut(600)
     cut.setup()
@@ -237,7 +239,7 @@ def test_pieces_are_keyed_by_bucket_and_group():
         for key, piece in cut.process(block):
             twice[key].append(piece)
             counts[key] += len(piece.ids)
-    (span,) = sharded.spans(sharded.bucket_counts(counts), 10_000)
+    (span,) = ranking.spans(sharded.bucket_counts(counts), 10_000)
     assert sharded.bucket_counts(counts).sum() == 600 == len(sharded._read(side_input(twice), span, counts).ids)
 
 
@@ -245,7 +247,7 @@ def test_batch_keeps_each_querys_exclusions():
     rng = np.random.default_rng(3)
     queries = [(f"u{i}", rng.standard_normal(4), [f"i{j}" for j in rng.choice(100, i % 4, replace=False)])
                for i in range(300)]
-    batch = sharded.Batch.stack(queries)
+    batch = ranking.Batch.stack(queries)
     ids, excluded = topk.text(batch.ids).tolist(), topk.text(batch.excluded_ids)
     got = {u: sorted(excluded[batch.excluded_rows() == row].tolist()) for row, u in enumerate(ids)}
     assert got == {q[0]: sorted(q[2]) for q in queries}
@@ -258,7 +260,7 @@ def test_shard_moves_without_its_last_part():
     parts = [{"image": rng.standard_normal(8), "text": rng.standard_normal(8)}, {"image": rng.standard_normal(8)},
              {"text": rng.standard_normal(8)}, {}]
     items = [{"item_id": f"i{j}", "vector": sum(p.values(), np.zeros(8)), "parts": p} for j, p in enumerate(parts)]
-    shard = sharded.Shard.stack(items)
+    shard = ranking.Shard.stack(items)
     moved = pickle.loads(pickle.dumps(shard))
     assert len(pickle.dumps(shard)) < len(pickle.dumps(tuple(shard)))
     assert moved.modalities == ("image", "text") and moved.has.tolist() == shard.has.tolist()

@@ -1,4 +1,5 @@
-"""RunInference for mmfuse encoders: one small handler over the shared ``models.base.Encoder`` contract.
+"""RunInference handlers: one for the encoders (over the shared ``models.base.Encoder`` contract), one for
+the fitted alignment.
 
 Beam's RunInference loads the model once per worker process (through ``Shared``) and batches elements;
 decoding happens before batching, in :class:`Preprocess`, so one bad file never fails a batch.
@@ -12,7 +13,9 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from mmfuse.models.base import Encoder, InputError
+from mmfuse.runners import process
 from mmfuse.transforms import media
+from mmfuse.transforms.artifacts import fetched
 from mmfuse.transforms.deadletter import DEAD, dead_letter
 
 
@@ -26,6 +29,7 @@ class EncoderHandler(ModelHandler[tuple[Any, Any], tuple[Any, np.ndarray], Encod
         self._make = make
 
     def load_model(self) -> Encoder:
+        process.prepare()
         return self._make()
 
     def run_inference(self, batch: Sequence[tuple[Any, Any]], model: Encoder,
@@ -36,6 +40,38 @@ class EncoderHandler(ModelHandler[tuple[Any, Any], tuple[Any, np.ndarray], Encod
     def get_num_bytes(self, batch: Sequence[tuple[Any, Any]]) -> int:
         # The default pickles the whole batch just to measure it.
         return sum(getattr(x, "nbytes", 0) for _, x in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "mmfuse"
+
+
+class AlignHandler(ModelHandler[dict, dict, Any]):
+    """Embeddings rows -> item rows (``vector``, ``weights``, ``parts``), with the alignment artifact whose
+    folder arrives as RunInference's model metadata side input."""
+
+    def __init__(self, batch_size: int = 512):
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)  # fixed, as EncoderHandler
+        self._folder = None
+
+    def update_model_path(self, model_path: str | None = None):
+        self._folder = model_path
+
+    def load_model(self):
+        from mmfuse.models import align  # Keras: loaded on the workers that apply it
+        process.prepare()
+        with fetched(self._folder) as local:
+            return align.load(local)
+
+    def run_inference(self, batch: Sequence[dict], model, inference_args=None) -> Iterable[dict]:
+        from mmfuse.models.align import Catalog
+        catalog = Catalog.from_rows(batch, model.input_dims)
+        out = model.apply(catalog.item_ids, catalog.features)
+        names = model.modalities
+        for i, item_id in enumerate(catalog.item_ids):
+            present = [j for j, m in enumerate(names) if out["mask"][i, j] > 0]
+            yield {"item_id": str(item_id), "vector": out["fused"][i].tolist(),
+                   "weights": {names[j]: float(out["weights"][i, j]) for j in present},
+                   "parts": {names[j]: out["parts"][i, j].tolist() for j in present}}
 
     def get_metrics_namespace(self) -> str:
         return "mmfuse"

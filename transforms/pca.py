@@ -3,12 +3,17 @@
 tf.Transform writes with ``tf.io.gfile``: local paths and, where TensorFlow has credentials, gs://."""
 from __future__ import annotations
 
+import dataclasses
 import posixpath
+import tempfile
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions
 
+from mmfuse import runners
 from mmfuse.models import pca
+from mmfuse.transforms.artifacts import publish
 
 
 class FitPca(beam.PTransform):
@@ -36,3 +41,24 @@ class FitPca(beam.PTransform):
                 done = transform_fn | f"Write {m}" >> tft_beam.WriteTransformFn(out)
                 written.append(done | f"Done {m}" >> beam.Map(lambda _, out=out: out))
         return written | "Folders" >> beam.Flatten()
+
+
+def write_config(folder: str, dims: dict[str, int], config: dict) -> str:
+    """The artifact's ``alignment.json`` (its kind, dims and config) beside the fitted transforms."""
+    with tempfile.TemporaryDirectory(prefix="mmfuse-alignment-") as local:
+        pca.PcaAligner.write_config(local, dims, config)
+        return publish(local, folder)
+
+
+def fit_in_memory(catalog, dim: int):
+    """The statistical alignment of an in-memory ``models.align.Catalog``, fitted by a pipeline on the local
+    runner (for evaluation and tests), loaded."""
+    from mmfuse.models import align
+    dims = {m: v.shape[1] for m, v in catalog.features.items()}
+    rows = [{"item_id": str(item), **{m: None if np.isnan(v[i]).any() else v[i] for m, v in catalog.features.items()}}
+            for i, item in enumerate(catalog.item_ids)]
+    with tempfile.TemporaryDirectory(prefix="mmfuse-pca-") as folder:
+        with runners.create_pipeline(PipelineOptions(["--runner=DirectRunner"])) as pipeline:
+            _ = pipeline | beam.Create(rows, reshuffle=False) | FitPca(dims, dim, folder, f"{folder}/tft")
+        write_config(folder, dims, dataclasses.asdict(align.AlignConfig(dim=dim, fusion="mean")))
+        return align.load(folder)
