@@ -35,6 +35,7 @@ REQUIRES = [
     "numba==0.68.1",  # the top-k kernel's compiled selection (librosa needs it too)
     "threadpoolctl==3.8.0",  # one BLAS thread per top-k task: tasks already run in parallel
     "tensorboard==2.21.0",  # the alignment's training logs (TensorFlow 2.21 no longer pulls it in)
+    "matplotlib==3.11.2",  # the run report's plots (inline SVG)
 ]
 
 

@@ -16,6 +16,7 @@ import os
 # Set before numpy loads OpenBLAS: librosa's many small matmuls run 3-6x slower when OpenBLAS threads
 # fight over a few shared cores than on one thread.
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as runners.process.prepare: before TensorFlow loads
 
 import argparse
 import datetime

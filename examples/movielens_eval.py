@@ -19,12 +19,14 @@ from pathlib import Path
 from examples import datasets, movielens
 from examples.sections import replace_section
 from mmfuse.pipelines import encode, evaluate
+from mmfuse.runners import process
 from mmfuse.transforms.runs import is_complete
 
 RUN_DATE = "2026-01-01"
 
 
 def main(argv: list[str] | None = None) -> int:
+    process.prepare()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--movielens", help="holds ml-latest-small/ and posters/ (default: $MMFUSE_DATA/movielens)")
     parser.add_argument("--work", default="demo/movielens-eval", help="where the converted data and runs go")

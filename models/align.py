@@ -19,7 +19,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -28,6 +28,9 @@ from keras import layers, ops
 from mmfuse.models import collaborative
 from mmfuse.models import evaluation as ev
 from mmfuse.models.fusion import CONFIG_FILE, fixed_logits, fuse  # noqa: F401 - part of this module's interface
+
+if TYPE_CHECKING:
+    from mmfuse.models.pca import PcaAligner
 
 CF = "cf"  # name of the collaborative modality
 _ANCHORS = collaborative.ANCHORS  # the config's field "collaborative" hides the module inside the class body
@@ -41,12 +44,12 @@ KIND = "contrastive"
 class Standardize(layers.Layer):
     """Elementwise z-score with statistics fixed at fit time (stored as weights, so saved with the model)."""
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple) -> None:
         d = input_shape[-1]
         self.mean = self.add_weight(shape=(d,), initializer="zeros", trainable=False, name="mean")
         self.scale = self.add_weight(shape=(d,), initializer="ones", trainable=False, name="scale")
 
-    def call(self, x):
+    def call(self, x: Any) -> Any:
         return (x - self.mean) * self.scale
 
 
@@ -77,7 +80,7 @@ class AlignmentModel(keras.Model):
             self.standardize[m].build((None, len(mean)))
             self.standardize[m].set_weights([mean.astype(np.float32), (1.0 / np.maximum(std, 1e-6)).astype(np.float32)])
 
-    def call(self, inputs):
+    def call(self, inputs: Mapping[str, Any]) -> dict:
         mask = ops.cast(inputs["mask"], "float32")
         vectors = [self.heads[m](self.standardize[m](inputs[m])) for m in self.dims]
         if self.collaborative:
@@ -92,7 +95,8 @@ class AlignmentModel(keras.Model):
         fused, weights, parts = fuse(aligned, mask, logits)
         return {"aligned": aligned, "weights": weights, "fused": fused, "parts": parts}
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+    def compute_loss(self, x: Mapping[str, Any] | None = None, y: Any = None, y_pred: Mapping[str, Any] | None = None,
+                     sample_weight: Any = None, training: bool = True) -> Any:
         """Contrastive loss between modalities of the batch's first items (``contrast`` marks the real
         ones among them) plus the interaction loss between each user's ``history`` (indices into the batch,
         -1 padded) and ``target``."""
@@ -122,13 +126,13 @@ class AlignmentModel(keras.Model):
         interaction = ops.sum(per_user) / ops.maximum(ops.cast(ops.shape(targets)[0], "float32"), 1.0)
         return (total / max(pairs, 1) if pairs else 0.0) + interaction
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {**super().get_config(), "dims": self.dims, "dim": self.dim, "hidden": self.hidden,
                 "collaborative": self.collaborative, "fusion": self.fusion, "logits": self.logits,
                 "temperature": self.temperature}
 
 
-def _info_nce(logits, valid):
+def _info_nce(logits: Any, valid: Any) -> Any:
     """Mean over valid rows of cross-entropy with the diagonal as the label; invalid columns are excluded."""
     logits = ops.where(valid[None, :] > 0, logits, -1e9)
     per_row = ops.logsumexp(logits, axis=-1) - ops.diagonal(logits)
@@ -277,7 +281,7 @@ class _Batches(keras.utils.PyDataset):
     def on_epoch_end(self):
         self.epoch += 1
 
-    def __getitem__(self, step):
+    def __getitem__(self, step: int) -> dict:
         c = self.config
         rng = np.random.default_rng([c.seed, self.epoch if self.train else 0, step, int(self.train)])
         n = len(self.targets) or len(self.inputs["mask"])
@@ -340,10 +344,10 @@ class _TimeLimit(keras.callbacks.Callback):
         super().__init__()
         self.seconds, self.stopped = seconds, False
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict | None = None) -> None:
         self.start = time.monotonic()
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         elapsed = time.monotonic() - self.start
         if elapsed * (epoch + 2) / (epoch + 1) > self.seconds:
             self.model.stop_training = self.stopped = True
@@ -414,7 +418,7 @@ def _validation_metrics(vectors: np.ndarray, train: tuple, validation: tuple, co
     index = np.full(max(train[0].max(initial=0), validation[0].max(initial=0)) + 1, -1)
     index[users] = np.arange(len(users))
 
-    def interactions(x):
+    def interactions(x: tuple) -> ev.Interactions:
         keep = index[x[0]] >= 0
         return ev.Interactions(user=index[x[0][keep]], item=x[1][keep], timestamp=x[2][keep],
                                weight=np.ones(keep.sum(), np.float32), user_ids=users.astype(str),
@@ -424,7 +428,7 @@ def _validation_metrics(vectors: np.ndarray, train: tuple, validation: tuple, co
     return ev.evaluate_cold(scores, held, cold) if cold is not None else ev.evaluate(scores, seen, held)
 
 
-def _choose(candidates: dict, score, key: str = "ndcg@20") -> tuple[str, dict]:
+def _choose(candidates: dict, score: Callable[[Any], dict[str, float]], key: str = "ndcg@20") -> tuple[str, dict]:
     """The candidate with the best validation ``key`` (ties: the first), and every candidate's figures."""
     figures = {name: {k: round(v, 4) for k, v in score(value).items()} for name, value in candidates.items()}
     return max(figures, key=lambda name: figures[name][key]), figures
@@ -492,13 +496,14 @@ def fit_and_refit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndar
         out, names = probe.apply(catalog.item_ids, catalog.features), probe.modalities  # cold items: content only
         candidates = _fusions(names)
 
-        def fused(weights):
+        def fused(weights: Mapping[str, float] | None) -> np.ndarray:
             logits = (np.log(np.maximum(out["weights"], 1e-30)) if weights is None
                       else np.broadcast_to(fixed_logits(names, "weighted", weights), out["mask"].shape))
             vectors = np.asarray(fuse(out["aligned"], out["mask"], logits)[0])
             return np.where(out["mask"].any(1, keepdims=True), vectors, np.nan)
 
-        def score(weights):  # warm figures on the items the probe saw, cold ones on those it did not
+        def score(weights: Mapping[str, float] | None) -> dict[str, float]:
+            # warm figures on the items the probe saw, cold ones on those it did not
             vectors = fused(weights)
             warm = _validation_metrics(np.where(is_cold[:, None], np.nan, vectors), seen, held, config)
             new = _validation_metrics(vectors, seen, validation, config, cold)
@@ -517,7 +522,7 @@ def fit_and_refit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndar
     return final
 
 
-def load(folder: str | Path):
+def load(folder: str | Path) -> Aligner | PcaAligner:
     """The fitted alignment in a local folder, learned or statistical: both have ``apply`` and ``modalities``."""
     kind = json.loads((Path(folder) / CONFIG_FILE).read_text())["kind"]
     if kind == KIND:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import io
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
 import librosa
 import numpy as np
@@ -16,6 +16,9 @@ import soundfile as sf
 
 from mmfuse.models.base import Encoder, InputError, describe_bytes
 from mmfuse.models.weights import digest, package_file
+
+if TYPE_CHECKING:
+    import keras
 
 
 def _sniff(data: bytes) -> str | None:
@@ -35,7 +38,8 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-def decode_audio(data, sr: int = 16000, max_windows: int = 10, window_s: float = 3.0) -> np.ndarray:
+def decode_audio(data: bytes | bytearray | memoryview | BinaryIO, sr: int = 16000, max_windows: int = 10,
+                 window_s: float = 3.0) -> np.ndarray:
     """Decode WAV/AIFF/FLAC/OGG/MP3 (bytes, or a seekable binary file) to float32 mono at ``sr``, at least
     ``window_s`` long (zero-padded).
 
@@ -126,10 +130,11 @@ def _musicnn_penultimate():
     import keras
     from keras import layers, ops
 
-    def bn(i):
+    def bn(i: int) -> layers.BatchNormalization:
         return layers.BatchNormalization(epsilon=1e-3, name=_tf1_name("batch_normalization", i))
 
-    def conv_max(i, x, filters, kernel, padding):  # conv, relu, BN, then max over all frequency bins
+    def conv_max(i: int, x: Any, filters: int, kernel: tuple[int, int], padding: str) -> Any:
+        # conv, relu, BN, then max over all frequency bins
         x = layers.Conv2D(filters, kernel, padding=padding, activation="relu", name=_tf1_name("conv2d", i))(x)
         return ops.max(bn(i + 1)(x), axis=2)
 
@@ -149,7 +154,7 @@ def _musicnn_penultimate():
     return keras.Model(spec, out, name="musicnn_mtt_penultimate")
 
 
-def _load_tf1_checkpoint(model, folder: Path) -> None:
+def _load_tf1_checkpoint(model: keras.Model, folder: Path) -> None:
     """Copy the model tensors of a TF1 checkpoint into same-named Keras variables (optimiser state is ignored).
 
     ``NewCheckpointReader("<dir>/")`` reads the unnamed ``.index``/``.data`` pair directly; the folder's

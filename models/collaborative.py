@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -96,13 +97,13 @@ class CfTable:
     anchor: np.ndarray  # (n,) bool: from EASE itself (the fold-in regresses on these), else folded in
     solver: np.ndarray  # (dim, dim) float32
 
-    def rows(self, item_ids) -> np.ndarray:
+    def rows(self, item_ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Each item's row in the table, -1 where it holds none."""
         if not hasattr(self, "_index"):
             self._index = {item: i for i, item in enumerate(self.item_ids.tolist())}
         return np.array([self._index.get(i, -1) for i in item_ids], np.int64)
 
-    def lookup(self, item_ids) -> np.ndarray:
+    def lookup(self, item_ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """(len(item_ids), dim): an item's vector, NaN rows for items the table does not hold."""
         rows = self.rows(item_ids)
         out = np.full((len(rows), len(self.solver)), np.nan, np.float32)

@@ -153,8 +153,8 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
-def _evaluate(score, truth: sp.csr_matrix, seen: sp.csr_matrix | None, columns: np.ndarray | None,
-              batch_size: int) -> dict[str, float]:
+def _evaluate(score: Callable[[np.ndarray], np.ndarray], truth: sp.csr_matrix, seen: sp.csr_matrix | None,
+              columns: np.ndarray | None, batch_size: int) -> dict[str, float]:
     """Recall, NDCG and coverage over the users with test items, ranking ``columns`` (default all) with
     ``seen`` items removed. A -inf or NaN score means "not recommended": both sort last (numpy puts NaN
     at the end), and such a slot is never a hit nor covered."""

@@ -2,7 +2,7 @@
 modality vectors the same way, so a score splits into per-modality contributions whichever made them."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from keras import ops
@@ -10,7 +10,7 @@ from keras import ops
 CONFIG_FILE = "alignment.json"  # every alignment artifact's description, naming its kind
 
 
-def fuse(aligned, mask, logits):
+def fuse(aligned: Any, mask: Any, logits: Any) -> tuple[Any, Any, Any]:
     """Fuse (n, m, d) unit vectors over the present modalities (mask (n, m) of 0/1) with softmax(logits).
 
     Returns (fused (n, d) unit vectors, weights (n, m) summing to 1 over present modalities, parts (n, m, d)

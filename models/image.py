@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -108,11 +108,11 @@ def _build_mobilenet_v2(state: dict[str, np.ndarray]) -> keras.Model:
     """torchvision's mobilenet_v2 as a Keras functional model with outputs (embedding, logits)."""
     used = set()
 
-    def take(name):
+    def take(name: str) -> np.ndarray:
         used.add(name)
         return state[name]
 
-    def conv(x, prefix, stride=1, depthwise=False):
+    def conv(x: Any, prefix: str, stride: int = 1, depthwise: bool = False) -> Any:
         w = take(prefix + ".weight")  # torch (out, in/groups, kh, kw)
         k = w.shape[2]
         if k > 1:
@@ -128,7 +128,7 @@ def _build_mobilenet_v2(state: dict[str, np.ndarray]) -> keras.Model:
         layer.set_weights([kernel])
         return x
 
-    def bn(x, prefix, relu6):
+    def bn(x: Any, prefix: str, relu6: bool) -> Any:
         layer = keras.layers.BatchNormalization(epsilon=1e-5, name=prefix.replace(".", "_"))
         x = layer(x)
         layer.set_weights([take(f"{prefix}.{p}") for p in ("weight", "bias", "running_mean", "running_var")])

@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
 from mmfuse.models.fusion import CONFIG_FILE, fixed_logits, fuse
 
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 KIND = "pca"
 FEATURE, OUTPUT = "x", "aligned"
 
 
-def preprocessing_fn(dim: int):
+def preprocessing_fn(dim: int) -> Callable[[Mapping[str, tf.Tensor]], dict[str, tf.Tensor]]:
     """tf.Transform function for one modality's (n, d) vectors -> (n, dim) unit vectors. A modality of fewer
     than ``dim`` dimensions has fewer components: its vectors are padded with zeros, as every modality's must
     have the shared length to be fused."""
     import tensorflow as tf
     import tensorflow_transform as tft
 
-    def fn(inputs):
+    def fn(inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         z = tft.scale_to_z_score(inputs[FEATURE], elementwise=True)
         basis = tft.pca(z, output_dim=dim, dtype=tf.float32)
         aligned = tf.math.l2_normalize(tf.matmul(z, basis), axis=-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -24,7 +24,7 @@ class Shard(NamedTuple):
     hashes: np.ndarray       # (s,) uint64 mixed hash of each id (``models.topk.mixed_hash``)
 
     @staticmethod
-    def stack(items) -> Shard:
+    def stack(items: Sequence[Mapping[str, Any]]) -> Shard:
         ids = topk.utf8([item["item_id"] for item in items])
         vectors = _matrix([item["vector"] for item in items], "item")
         modalities = tuple(sorted({m for item in items for m in item["parts"]}))
@@ -36,7 +36,7 @@ class Shard(NamedTuple):
                 parts[m, row], has[row, m] = part, True
         return Shard(ids, vectors, modalities, parts, has, topk.mixed_hash(ids))
 
-    def take(self, rows) -> Shard:
+    def take(self, rows: np.ndarray | slice) -> Shard:
         return Shard(self.ids[rows], self.vectors[rows], self.modalities, self.parts[:, rows], self.has[rows],
                      self.hashes[rows])
 
@@ -51,7 +51,7 @@ class Shard(NamedTuple):
         return self.take(slice(lo, hi))
 
     @staticmethod
-    def concat(pieces) -> Shard:
+    def concat(pieces: Sequence[Shard]) -> Shard:
         """One shard from its pieces, rows sorted by item id. Each piece's rows are copied once, straight to
         their sorted places: fresh memory is slow to fill in a busy worker (page faults)."""
         modalities = tuple(sorted({m for p in pieces for m in p.modalities}))
@@ -77,7 +77,8 @@ class Shard(NamedTuple):
         return out
 
 
-def _unpickle_shard(ids, vectors, modalities, parts, has, hashes) -> Shard:
+def _unpickle_shard(ids: np.ndarray, vectors: np.ndarray, modalities: tuple, parts: np.ndarray, has: np.ndarray,
+                    hashes: np.ndarray) -> Shard:
     if modalities:
         last = (vectors - parts.sum(axis=0)) * has[:, -1:]
         parts = np.concatenate([parts, last[None]])
@@ -93,7 +94,7 @@ class Batch(NamedTuple):
     excluded_ids: np.ndarray  # (e,) bytes item id
 
     @staticmethod
-    def stack(queries) -> Batch:
+    def stack(queries: Sequence[tuple[str, Sequence[float] | np.ndarray, Iterable[str]]]) -> Batch:
         excluded = [list(q[2]) for q in queries]
         return Batch(topk.utf8([q[0] for q in queries]), _matrix([q[1] for q in queries], "query"),
                      _starts([len(e) for e in excluded]), topk.utf8(list(itertools.chain.from_iterable(excluded))))
@@ -103,7 +104,7 @@ class Batch(NamedTuple):
         return np.repeat(np.arange(len(self.ids)), np.diff(self.starts))
 
 
-def _starts(counts) -> np.ndarray:
+def _starts(counts: Sequence[int]) -> np.ndarray:
     out = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=out[1:])
     return out
@@ -119,7 +120,7 @@ class Ranked(NamedTuple):
     contributions: np.ndarray  # (b, k, M) float32: <query, part>; NaN where the item lacks the modality
 
 
-def _matrix(vectors, what: str) -> np.ndarray:
+def _matrix(vectors: Sequence[Sequence[float] | np.ndarray], what: str) -> np.ndarray:
     try:
         out = np.array(vectors, dtype=np.float32)
     except ValueError:

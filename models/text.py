@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from os import PathLike
+from typing import Any, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -53,10 +54,10 @@ class BertLayer(layers.Layer):
         self.output_dense = layers.Dense(HIDDEN)
         self.output_norm = layers.LayerNormalization(epsilon=EPS)
 
-    def call(self, x, slots, gather, attention_bias):
+    def call(self, x: Any, slots: Any, gather: Any, attention_bias: Any) -> Any:
         rows = ops.shape(gather)[0]
 
-        def split_heads(t):  # (B, L, HIDDEN) -> (B, HEADS, L, HIDDEN // HEADS)
+        def split_heads(t: Any) -> Any:  # (B, L, HIDDEN) -> (B, HEADS, L, HIDDEN // HEADS)
             return ops.transpose(ops.reshape(t, (rows, -1, HEADS, HIDDEN // HEADS)), (0, 2, 1, 3))
 
         grid = ops.take(self.qkv(x), gather, axis=0)  # (B, L, 3 * HIDDEN)
@@ -81,7 +82,7 @@ class MiniLM(keras.Model):
         self.embedding_norm = layers.LayerNormalization(epsilon=EPS)
         self.blocks = [BertLayer() for _ in range(LAYERS)]
 
-    def call(self, inputs):
+    def call(self, inputs: Sequence[Any]) -> Any:
         ids, slots, grid = inputs
         filled = ops.cast(grid >= 0, "float32")  # (B, L): 1 for a token, 0 for padding
         gather = ops.maximum(grid, 0)  # padding slots read token 0, then get no weight
@@ -95,7 +96,7 @@ class MiniLM(keras.Model):
         pooled = ops.sum(ops.take(x, gather, axis=0) * filled[..., None], axis=1) / ops.sum(filled, axis=1)[:, None]
         return ops.normalize(pooled, axis=-1, epsilon=1e-12)
 
-    def hf_layers(self):
+    def hf_layers(self) -> Iterator[tuple[layers.Layer, list[str]]]:
         """(layer, Hugging Face tensor prefixes) for every layer holding weights; the fused query-key-value
         layer takes three prefixes, concatenated along the output axis."""
         yield self.word_embeddings, ["embeddings.word_embeddings"]
@@ -111,12 +112,12 @@ class MiniLM(keras.Model):
             yield block.output_dense, [prefix + "output.dense"]
             yield block.output_norm, [prefix + "output.LayerNorm"]
 
-    def load_hf_weights(self, path) -> None:
+    def load_hf_weights(self, path: str | PathLike) -> None:
         """Copy a Hugging Face ``BertModel`` safetensors file in; fail on any tensor left unused (bar the
         position ids and the pooler, which sentence embeddings do not use)."""
         tensors = load_file(str(path))
         for layer, names in self.hf_layers():
-            def pop(kind, names=names):
+            def pop(kind: str, names: list[str] = names) -> np.ndarray:
                 return np.concatenate([tensors.pop(f"{name}.{kind}") for name in names])
 
             weights = [pop("weight")]

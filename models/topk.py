@@ -15,6 +15,8 @@ whose last kept candidate is within the float32 error bound of its k-th (many ne
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from numba import njit
 from threadpoolctl import threadpool_limits
@@ -66,7 +68,8 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int,
 
 
 @njit(cache=True, nogil=True)
-def _rescore(queries, items, k, columns, scores, starts, ex_cols):  # pragma: no cover - compiled
+def _rescore(queries: np.ndarray, items: np.ndarray, k: int, columns: np.ndarray, scores: np.ndarray,
+             starts: np.ndarray, ex_cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """The best k of each row's kept candidates by their float64 scores (then column), as float32. Any item
     the scan did not keep scored at most the row's last kept float32 score, so it is off by at most the
     float32 error bound from that; a row whose k-th float64 score is not clear of it is scored in full."""
@@ -95,7 +98,8 @@ def _rescore(queries, items, k, columns, scores, starts, ex_cols):  # pragma: no
 
 
 @njit(cache=True, nogil=True)
-def _score_row(query, items, lo, hi, ex_cols, exact, cols):  # pragma: no cover - compiled
+def _score_row(query: np.ndarray, items: np.ndarray, lo: int, hi: int, ex_cols: np.ndarray, exact: np.ndarray,
+               cols: np.ndarray) -> int:  # pragma: no cover - compiled
     """Fill ``exact``/``cols`` with the row's best ``len(exact)`` allowed items by float64 score, every
     item scored (the rare row of near-ties); returns how many."""
     kept = exact.shape[0]
@@ -116,7 +120,7 @@ def _score_row(query, items, lo, hi, ex_cols, exact, cols):  # pragma: no cover 
 
 
 @njit(inline="always")
-def _insert(values, cols, p, v, c):  # pragma: no cover - compiled
+def _insert(values: np.ndarray, cols: np.ndarray, p: int, v: float, c: int) -> None:  # pragma: no cover - compiled
     """Put (v, c) in slot p or, shifting down the entries it beats, above it; an equal value stays ahead."""
     while p > 0 and values[p - 1] < v:
         values[p], cols[p] = values[p - 1], cols[p - 1]
@@ -125,7 +129,7 @@ def _insert(values, cols, p, v, c):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _order(exact, cols, m):  # pragma: no cover - compiled
+def _order(exact: np.ndarray, cols: np.ndarray, m: int) -> None:  # pragma: no cover - compiled
     """Sort the first m candidates by score descending, then column ascending (insertion sort: m is small)."""
     for i in range(1, m):
         v, c = exact[i], cols[i]
@@ -137,7 +141,7 @@ def _order(exact, cols, m):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _dot(a, b):  # pragma: no cover - compiled
+def _dot(a: np.ndarray, b: np.ndarray) -> float:  # pragma: no cover - compiled
     """float64 dot product in index order: the same result on every machine."""
     s = 0.0
     for d in range(a.shape[0]):
@@ -146,12 +150,13 @@ def _dot(a, b):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _norm(a):  # pragma: no cover - compiled
+def _norm(a: np.ndarray) -> float:  # pragma: no cover - compiled
     return np.sqrt(_dot(a, a))
 
 
 @njit(cache=True, nogil=True)
-def _scan(block, r0, c0, starts, ex_cols, scores, columns):  # pragma: no cover - compiled
+def _scan(block: np.ndarray, r0: int, c0: int, starts: np.ndarray, ex_cols: np.ndarray, scores: np.ndarray,
+          columns: np.ndarray) -> None:  # pragma: no cover - compiled
     """Fold the tile's scores (rows r0.., columns c0..) into each row's best k, kept ordered. A row is
     checked ``CHUNK`` scores at a time against its k-th, and only a chunk holding a score that beats it is
     walked one score at a time: after the first few tiles almost no chunk does."""
@@ -184,7 +189,7 @@ def _scan(block, r0, c0, starts, ex_cols, scores, columns):  # pragma: no cover 
 
 
 @njit(inline="always")
-def _beaten(block, i, j0, j1, kth):  # pragma: no cover - compiled
+def _beaten(block: np.ndarray, i: int, j0: int, j1: int, kth: float) -> bool:  # pragma: no cover - compiled
     """Whether any of row i's scores j0..j1-1 beats kth, as a count the compiler vectorises (16 scores an
     instruction). The indices are unsigned: a signed index makes numba wrap negative values around, and
     that check keeps the loop scalar (six times slower)."""
@@ -195,7 +200,8 @@ def _beaten(block, i, j0, j1, kth):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def contributions(queries, parts, has, columns):  # pragma: no cover - compiled
+def contributions(queries: np.ndarray, parts: np.ndarray, has: np.ndarray,
+                  columns: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """``out[b, j, m]`` = <query b, part m of item ``columns[b, j]``>: what each modality adds to the
     score; NaN where the item lacks the modality or the slot is empty (column -1). Summed in any order
     (vectorised): a contribution is an explanation, and the parts' sum matches the score to float
@@ -227,7 +233,7 @@ def compile_kernels() -> None:
     HashIndex(ids, mixed_hash(ids)).find(ids, mixed_hash(ids))
 
 
-def utf8(ids) -> np.ndarray:
+def utf8(ids: Sequence[str] | np.ndarray) -> np.ndarray:
     """Ids as UTF-8 bytes (numpy ``S``): a quarter of the size of numpy's 4-byte characters, which matters
     for the millions of ids that cross a runner, and ordered as the ids are (UTF-8 keeps code-point order)."""
     try:
@@ -244,7 +250,7 @@ def text(ids: np.ndarray) -> np.ndarray:
         return np.strings.decode(ids, "utf-8")
 
 
-def id_hash(ids) -> np.ndarray:
+def id_hash(ids: Sequence[str] | np.ndarray) -> np.ndarray:
     """64-bit FNV-1a of each id's UTF-8 bytes. Unlike ``hash()`` it is the same in every process and run, so
     an id lands in the same bucket wherever it is read."""
     raw = np.ascontiguousarray(utf8(ids))
@@ -256,7 +262,7 @@ def id_hash(ids) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _fnv1a(codes, lengths, h):  # pragma: no cover - compiled
+def _fnv1a(codes: np.ndarray, lengths: np.ndarray, h: np.ndarray) -> None:  # pragma: no cover - compiled
     """Fold each row's first ``lengths`` bytes into its hash (compiled: a task hashes the ids of every
     exclusion it reads, millions in a large job)."""
     prime = np.uint64(0x100000001B3)
@@ -267,7 +273,7 @@ def _fnv1a(codes, lengths, h):  # pragma: no cover - compiled
         h[i] = x
 
 
-def mixed_hash(ids) -> np.ndarray:
+def mixed_hash(ids: Sequence[str] | np.ndarray) -> np.ndarray:
     """``id_hash`` scrambled by the MurmurHash3 finaliser: FNV's high bits barely depend on an id's last
     characters, and ``bucket`` takes the high bits."""
     h = id_hash(ids)
@@ -316,7 +322,7 @@ class HashIndex:
 
 
 @njit(cache=True, nogil=True)
-def _hash_table(hashes, bits):  # pragma: no cover - compiled
+def _hash_table(hashes: np.ndarray, bits: int) -> np.ndarray:  # pragma: no cover - compiled
     """Slots of 2**bits holding a row (or -1), each row at the first free slot from its hash's low bits (a
     shard's ids share their high bits, which pick its buckets)."""
     table = np.full(1 << bits, -1, dtype=np.int64)
@@ -330,7 +336,8 @@ def _hash_table(hashes, bits):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _probe(table, hashes, bits, wanted_hashes):  # pragma: no cover - compiled
+def _probe(table: np.ndarray, hashes: np.ndarray, bits: int,
+           wanted_hashes: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """The first row whose hash equals each wanted hash, or -1."""
     out = np.full(wanted_hashes.shape[0], -1, dtype=np.int64)
     mask = (1 << bits) - 1

@@ -13,6 +13,7 @@ import io
 import pickle
 import zipfile
 from os import PathLike
+from typing import IO, Any, Sequence
 
 import numpy as np
 
@@ -48,7 +49,8 @@ class _TensorRef:
     stride: tuple
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
+def _rebuild_tensor(storage: _StorageRef, storage_offset: int, size: Sequence[int], stride: Sequence[int],
+                    *_ignored: Any) -> _TensorRef:
     """Replaces torch._utils._rebuild_tensor(_v2); requires_grad, hooks and metadata do not matter here."""
     return _TensorRef(storage, int(storage_offset), tuple(size), tuple(stride))
 
@@ -56,11 +58,11 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
 class RestrictedUnpickler(pickle.Unpickler):
     """Resolves OrderedDict, the tensor rebuild functions and storage types; refuses any other global."""
 
-    def __init__(self, file):
+    def __init__(self, file: IO[bytes]):
         super().__init__(file)
         self.storages: dict[str, _StorageRef] = {}
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
@@ -71,7 +73,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             f"refusing global {module}.{name}: a weights file may only reference tensors, storages "
             f"and OrderedDict")
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: Any) -> _StorageRef:
         # legacy: ('storage', type, root_key, location, numel, view_metadata); zip: the first five.
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType)):
@@ -96,7 +98,7 @@ def load_state_dict(path: str | PathLike) -> collections.OrderedDict[str, np.nda
     return collections.OrderedDict((str(k), _to_array(t, storages)) for k, t in obj.items())
 
 
-def _safe_load(f):
+def _safe_load(f: IO[bytes]) -> Any:
     return RestrictedUnpickler(f).load()
 
 

@@ -21,7 +21,7 @@ import datetime as dt
 import json
 import os
 import posixpath
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
@@ -40,6 +40,8 @@ from mmfuse.transforms.inference import AlignHandler
 
 # models.align and transforms.pca import Keras and TensorFlow: imported where used, so that the command line
 # answers --help and input errors without loading them.
+if TYPE_CHECKING:
+    from mmfuse.models.align import AlignConfig
 
 ITEMS_SCHEMA = pa.schema([("item_id", pa.string()), ("vector", pa.list_(pa.float32())),
                           ("weights", pa.map_(pa.string(), pa.float32())),
@@ -48,7 +50,7 @@ ARTIFACT = "alignment"
 CONFIG_FILE, FORMAT = "alignment.json", 2  # models.align.CONFIG_FILE, models.align.FORMAT
 
 
-def align_config(a: AlignSettings):
+def align_config(a: AlignSettings) -> AlignConfig:
     """The ``models.align.AlignConfig`` of the alignment options (Keras loads here, not on the command line)."""
     from mmfuse.models import align
     return align.AlignConfig(dim=a.dim, fusion=a.fusion, fusion_weights=a.fusion_weights,
@@ -85,7 +87,8 @@ def _stamp(folder: str, run_date: str) -> str:
     return folder
 
 
-def artifact(job: Job, config: Config, rows, interactions, modalities: Sequence[str]):
+def artifact(job: Job, config: Config, rows: beam.PCollection, interactions: beam.PCollection,
+             modalities: Sequence[str]) -> tuple[beam.PCollection, str | None]:
     """PCollection of the one artifact folder this run applies, fitted now or the previous run's copied in,
     and the folder reused (None when fitted now)."""
     a = config.align
@@ -120,7 +123,8 @@ def _load_cf(folder: str) -> CfTable | None:
         return CfTable.load(local) if os.path.exists(os.path.join(local, TABLE_FILE)) else None
 
 
-def with_folded_cf(rows, interactions, folder):
+def with_folded_cf(rows: beam.PCollection, interactions: beam.PCollection,
+                   folder: beam.PCollection) -> beam.PCollection:
     """Rows with a ``cf`` field for items with interactions outside the fitted cf table (None elsewhere)."""
     pairs = interactions | "UserItem" >> beam.Map(lambda e: (e["user_id"], e["item_id"]))
     folded = pairs | "FoldIn" >> FoldIn(folder, _load_cf)
@@ -130,8 +134,10 @@ def with_folded_cf(rows, interactions, folder):
                                                    for row in kv[1]["row"])))
 
 
-def align(job: Job, config: Config, rows, interactions, modalities: Sequence[str]):
-    """Items (fused vectors, weights, parts) from embeddings rows; writes ``items`` and the artifact."""
+def align(job: Job, config: Config, rows: beam.PCollection, interactions: beam.PCollection,
+          modalities: Sequence[str]) -> tuple[beam.PCollection, beam.PCollection]:
+    """Items (fused vectors, weights, parts) from embeddings rows, and the artifact's folder; writes
+    ``items`` and the artifact."""
     folder, reused = artifact(job, config, rows, interactions, modalities)
     job.wait_for(folder)
     # A reused artifact may hold a cf table whatever tonight's --collaborative says (one without folds
@@ -145,7 +151,7 @@ def align(job: Job, config: Config, rows, interactions, modalities: Sequence[str
     dead = (dead, unaligned) | "AlignDead" >> beam.Flatten()
     job.stage("align", rows, items, dead)
     job.write("items", items, ITEMS_SCHEMA)
-    return items
+    return items, folder
 
 
 def _has_modality(row: dict, modalities: list[str]):

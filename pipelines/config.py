@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from mmfuse.pipelines import options as o
+from mmfuse.pipelines.alerts import AlertConfig
 from mmfuse.transforms.contract import CatalogColumns, ContractError, InteractionColumns
 from mmfuse.transforms.users import Weighting
 
@@ -20,7 +22,7 @@ def names(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def pairs(value: str, option: str, kind=float, positive: bool = False) -> dict:
+def pairs(value: str, option: str, kind: Callable[[str], float] = float, positive: bool = False) -> dict:
     """``NAME:NUMBER,...`` -> ``{name: number}``, numbers of ``kind`` (and > 0 with ``positive``)."""
     out = {}
     for part in names(value):
@@ -48,6 +50,7 @@ class RunConfig:
     media_roots: tuple[str, ...]
     pseudonym_key: bytes | None  # None: user ids are written as read
     keep_days: int | None
+    alert: AlertConfig = AlertConfig()
 
     def require(self, *fields: str) -> None:
         missing = [f"--{n}" for n in fields if not getattr(self, n)]
@@ -120,8 +123,14 @@ def _run(options: PipelineOptions) -> RunConfig:
         raise ContractError(f"--max_dead_fraction={run.max_dead_fraction}: must be between 0 and 1")
     roots = names(run.media_roots) or ((default_root(run.catalog),) if run.catalog else ())
     key = load_key(privacy.pseudonym_key_file) if privacy.pseudonymize_user_ids else None
+    a = options.view_as(o.AlertOptions)
+    for name, value in (("churn_above", a.alert_churn_above), ("coverage_below", a.alert_coverage_below),
+                        ("dead_fraction_above", a.alert_dead_fraction_above)):
+        if value is not None and not 0 <= value <= 1:
+            raise ContractError(f"--alert_{name}={value}: must be between 0 and 1")
+    alert = AlertConfig(a.alert_churn_above, a.alert_coverage_below, a.alert_dead_fraction_above)
     return RunConfig(run.catalog, run.interactions, run.output, run.run_date, run.max_media_bytes,
-                     run.max_dead_fraction, roots, key, options.view_as(o.NightlyOptions).keep_days)
+                     run.max_dead_fraction, roots, key, options.view_as(o.NightlyOptions).keep_days, alert)
 
 
 def _catalog(options: PipelineOptions) -> CatalogColumns:

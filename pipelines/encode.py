@@ -23,7 +23,7 @@ from mmfuse.transforms.parquet import ReadRows, plan
 from mmfuse.transforms.runs import has_dataset
 
 
-def fetch_media(job: Job, run: RunConfig, items, kinds: list[str]):
+def fetch_media(job: Job, run: RunConfig, items: beam.PCollection, kinds: list[str]) -> beam.PCollection:
     """Read the media of these kinds that items name by URI (audio by reference: its decoder seeks to the
     windows it keeps); a missing file dead-letters that medium only."""
     for kind in kinds:
@@ -50,7 +50,7 @@ def _raw(source: str, spec: CatalogColumns, template: str, max_tokens: int):
     return lambda item: item[source]
 
 
-def encode(job: Job, config: Config, items, columns: set[str]):
+def encode(job: Job, config: Config, items: beam.PCollection, columns: set[str]) -> tuple[beam.PCollection, list[str]]:
     """Embeddings rows for every item (one column per modality, null where the item lacks it), and the
     modalities encoded."""
     spec, opts = config.catalog, config.encode

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,6 +27,7 @@ from mmfuse.transforms.runs import is_complete
 
 if TYPE_CHECKING:  # Keras loads in the functions that fit, after the command line is parsed
     from mmfuse.models import align
+    from mmfuse.models.pca import PcaAligner
 
 CONTENT = ("text", "image")
 METHODS = ("popular", "item_knn", "als", "random", "text", "image", "concat", "pca",
@@ -78,7 +79,8 @@ def fit_alignment(known: align.Catalog, catalog: align.Catalog, split: Split,
                                                        "validation": fitted.metrics.get("chosen_on_validation")}})
 
 
-def applied(fitted, catalog: align.Catalog, split: Split, details: dict) -> tuple[np.ndarray, dict]:
+def applied(fitted: align.Aligner | PcaAligner, catalog: align.Catalog, split: Split,
+            details: dict) -> tuple[np.ndarray, dict]:
     """The fused vectors of a fitted alignment over ``catalog``. On the cold split, also text-to-image
     retrieval among the held-out items, which the fit never saw: evidence that the modalities share a space."""
     out = fitted.apply(catalog.item_ids, catalog.features)
@@ -114,7 +116,8 @@ CONFIGS = {  # the contrastive methods; contrastive_cf is the nightly job's defa
 }
 
 
-def run(inter: ev.Interactions, catalog: align.Catalog, methods=METHODS, seed: int = 0, log=print) -> dict:
+def run(inter: ev.Interactions, catalog: align.Catalog, methods: Sequence[str] = METHODS, seed: int = 0,
+        log: Callable[[str], None] = print) -> dict:
     from mmfuse.models import align
     train, test = ev.warm_split(inter)
     fit, val = ev.validation_split(train)

@@ -16,7 +16,7 @@ from mmfuse.transforms.parquet import ReadRows, plan
 from mmfuse.transforms.validate import ValidateCatalog, ValidateInteractions
 
 
-def read_catalog(job: Job, config: Config):
+def read_catalog(job: Job, config: Config) -> tuple[beam.PCollection, set[str]]:
     """Valid catalog items, one per ``item_id``, as ``(item_id, item)``, and the columns the files have."""
     spec, path = config.catalog, config.run.catalog
     work, columns = plan(path, lambda f, cols: check_catalog_schema(f, cols, spec))
@@ -27,7 +27,7 @@ def read_catalog(job: Job, config: Config):
     return job.stage(ValidateCatalog.STAGE, rows, items, dead), columns
 
 
-def read_interactions(job: Job, config: Config, items):
+def read_interactions(job: Job, config: Config, items: beam.PCollection) -> beam.PCollection:
     """Valid interactions on catalog items, as dicts with ``timestamp`` in epoch seconds."""
     run, spec = config.run, config.interactions
     work, _ = plan(run.interactions, lambda f, cols: check_interactions_schema(f, cols, spec))

@@ -5,10 +5,11 @@ dead letters and commits the dated run folder (``metrics.json`` and ``_SUCCESS``
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import apache_beam as beam
 import pyarrow as pa
@@ -16,7 +17,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from mmfuse import runners
-from mmfuse.pipelines.config import Config
+from mmfuse.pipelines import alerts, report
+from mmfuse.pipelines.config import Config, RunConfig
 from mmfuse.pipelines.options import check_known, help_text
 from mmfuse.runners import process
 from mmfuse.transforms import deadletter
@@ -25,6 +27,9 @@ from mmfuse.transforms.counting import count_stage
 from mmfuse.transforms.parquet import WriteDataset
 from mmfuse.transforms.runs import METRICS, CommitRun, RunFolder, TooManyDeadLetters
 
+if TYPE_CHECKING:
+    from apache_beam.runners.runner import PipelineResult
+
 
 class Job:
     def __init__(self, pipeline: beam.Pipeline, run: RunFolder):
@@ -32,7 +37,8 @@ class Job:
         self._counts, self._dead, self._written = [], [], []
         self.report: dict = {}  # extra keys for metrics.json, known when the job is built
 
-    def stage(self, name: str, into, out, dead=None, section: str = "stages"):
+    def stage(self, name: str, into: beam.PCollection, out: beam.PCollection, dead: beam.PCollection | None = None,
+              section: str = "stages") -> beam.PCollection:
         """Record a stage's counts (in = out + dead) and its dead letters; returns ``out``."""
         if dead is None:
             dead = self.pipeline | f"NoDead {name}" >> beam.Create([])
@@ -44,26 +50,33 @@ class Job:
         """Extra counts for the report that are not a stage, e.g. per-modality encoded/reused."""
         self._counts += count_stage(name, section, **pcolls)
 
-    def write(self, dataset: str, pcoll, schema: pa.Schema, tables: bool = False) -> None:
+    def write(self, dataset: str, pcoll: beam.PCollection, schema: pa.Schema, tables: bool = False) -> None:
         """Write ``pcoll`` (row dicts, or Arrow tables where ``tables``) as a dataset of the run."""
         self._written.append(pcoll | f"Write {dataset}" >> WriteDataset(self.run.dataset_prefix(dataset), schema,
                                                                          tables))
 
-    def wait_for(self, pcoll) -> None:
+    def wait_for(self, pcoll: beam.PCollection) -> None:
         """Commit only after ``pcoll`` is computed: for outputs written by a step itself (model artifacts)."""
         self._written.append(pcoll)
 
-    def finish(self, max_dead_fraction: float) -> None:
+    def figures(self, pcolls: list[beam.PCollection]) -> None:
+        """Summary figures for ``metrics.json``, as ``(section, name, key, value)`` tuples (``transforms.summary``)."""
+        self._counts += pcolls
+
+    def finish(self, run: RunConfig) -> None:
+        """Write the dead letters and commit the night: ``metrics.json``, ``report.html``, ``_SUCCESS``."""
         dead = self._dead | "AllDeadLetters" >> beam.Flatten(pipeline=self.pipeline)
         self.write("dead_letter", dead, deadletter.SCHEMA)
         reasons = (dead
                    | "DeadReason" >> beam.Map(lambda d: ((d["stage"], d["error"]), 1))
                    | "DeadReasons" >> beam.CombinePerKey(sum))
-        _ = self.pipeline | "CommitRun" >> CommitRun(self.run, self._counts, self._written, self.report,
-                                                      reasons, max_dead_fraction)
+        _ = self.pipeline | "CommitRun" >> CommitRun(
+            self.run, self._counts, self._written, self.report, reasons, run.max_dead_fraction,
+            alerts=functools.partial(alerts.breaches, alert=run.alert),
+            pages=lambda metrics: {report.REPORT: report.render(metrics)})
 
 
-def execute(build: Callable[[Job, Config], None], argv: list[str] | None):
+def execute(build: Callable[[Job, Config], None], argv: list[str] | None) -> tuple[PipelineResult, RunFolder]:
     """Build and run a job to the end; returns the Beam result and the run folder. Raises ContractError."""
     check_known(argv)
     options = PipelineOptions(argv)
@@ -73,7 +86,7 @@ def execute(build: Callable[[Job, Config], None], argv: list[str] | None):
     pipeline = runners.create_pipeline(options)
     job = Job(pipeline, run)
     build(job, config)
-    job.finish(config.run.max_dead_fraction)
+    job.finish(config.run)
     run.acquire()
     try:
         run.recover()
@@ -86,7 +99,8 @@ def execute(build: Callable[[Job, Config], None], argv: list[str] | None):
 
 def run_job(name: str, build: Callable[[Job, Config], None], argv: list[str] | None) -> int:
     """The command line of a job: user errors become one line on stderr and exit code 2, a stage that
-    dead-lettered too much exit code 3, any other failure exit code 1."""
+    dead-lettered too much exit code 3, any other failure exit code 1; a complete night that breached an
+    alert threshold prints one line per breach and exits with ``alerts.ALERT_EXIT`` (4)."""
     process.prepare()
     logging.getLogger().setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
@@ -107,12 +121,14 @@ def run_job(name: str, build: Callable[[Job, Config], None], argv: list[str] | N
         print(f"mmfuse {name}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
               file=sys.stderr)
         return 1
-    if FileSystems.exists(f"{run.final}/{METRICS}"):
-        with FileSystems.open(f"{run.final}/{METRICS}") as f:
-            print(summary(name, run.final, json.load(f)))
-    return 0
+    with FileSystems.open(f"{run.final}/{METRICS}") as f:
+        metrics = json.load(f)
+    print(summary(name, run.final, metrics))
+    for line in metrics.get("alerts", []):
+        print(f"mmfuse {name}: alert: {line}", file=sys.stderr)
+    return alerts.ALERT_EXIT if metrics.get("alerts") else 0
 
 
-def summary(name: str, run_dir: str, report: dict) -> str:
-    stages = ", ".join(f"{s} {c['in']}->{c['out']} (+{c['dead']} dead)" for s, c in report["stages"].items())
-    return f"mmfuse {name}: wrote {run_dir}: {stages}"
+def summary(name: str, run_dir: str, metrics: dict) -> str:
+    stages = ", ".join(f"{s} {c['in']}->{c['out']} (+{c['dead']} dead)" for s, c in metrics["stages"].items())
+    return f"mmfuse {name}: wrote {run_dir}: {stages}; report: {run_dir}/{report.REPORT}"

@@ -1,4 +1,4 @@
-"""The nightly job: ingest, encode, align and fuse, recommend, into one dated run.
+"""The nightly job: ingest, encode, align and fuse, recommend, summarise, into one dated run.
 
     mmfuse nightly --catalog=PATH --interactions=PATH --output=ROOT [--run_date=YYYY-MM-DD] [Beam options]
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from mmfuse.pipelines import align, encode, ingest, recommend
+from mmfuse.pipelines import align, encode, ingest, recommend, summary
 from mmfuse.pipelines.config import Config
 from mmfuse.pipelines.job import Job, run_job
 
@@ -17,8 +17,9 @@ def build(job: Job, config: Config) -> None:
     items, columns = ingest.read_catalog(job, config)
     interactions = ingest.read_interactions(job, config, items)
     rows, modalities = encode.encode(job, config, items, columns)
-    items = align.align(job, config, rows, interactions, modalities)
-    recommend.recommend(job, config.recommend, items, interactions)
+    fused, artifact = align.align(job, config, rows, interactions, modalities)
+    ranked = recommend.recommend(job, config.recommend, fused, interactions)
+    summary.summarize(job, config, items, fused, interactions, ranked, artifact)
 
 
 def main(argv: list[str] | None = None) -> int:

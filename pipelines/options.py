@@ -2,6 +2,7 @@
 once, by ``pipelines.config``."""
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -22,7 +23,7 @@ class RunOptions(PipelineOptions):
     """
 
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--catalog", default=None,
                             help="Catalog Parquet: a file, a folder (its *.parquet files) or a glob; local or gs://")
         parser.add_argument("--interactions", default=None,
@@ -48,7 +49,7 @@ class PrivacyOptions(PipelineOptions):
     """Pseudonymous user ids in every output."""
 
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--pseudonymize_user_ids", action="store_true",
                             help="Replace each user_id by its keyed HMAC-SHA256 as interactions are read, so no "
                                  "output holds a raw user id; the key comes from $MMFUSE_PSEUDONYM_KEY or "
@@ -61,7 +62,7 @@ class CatalogOptions(PipelineOptions):
     """Catalog column names, so users need not rename their columns."""
 
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         d = CatalogColumns()
         parser.add_argument("--item_id_column", default=d.item_id, help="Unique item id (string)")
         parser.add_argument("--text_columns", default=",".join(d.text),
@@ -82,7 +83,7 @@ class InteractionOptions(PipelineOptions):
     """Interaction column names."""
 
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         d = InteractionColumns()
         parser.add_argument("--user_id_column", default=d.user_id, help="User id (string)")
         parser.add_argument("--interaction_item_id_column", default=d.item_id, help="Item id (string)")
@@ -96,7 +97,7 @@ class EncodeOptions(PipelineOptions):
     """Which modalities to encode, how, and what to reuse from the last run."""
 
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--modalities", default="",
                             help="Comma-separated modalities to encode among text, image, audio_mfcc, audio_musicnn "
                                  "and the declared vector columns (default: every one the catalog has columns for)")
@@ -131,7 +132,7 @@ class AlignOptions(PipelineOptions):
     """How modalities are put in one space and fused."""
 
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--align", default="contrastive", choices=("contrastive", "pca"),
                             help="contrastive: projection heads trained on the catalog and interactions; "
                                  "pca: tf.Transform z-score and PCA per modality")
@@ -170,7 +171,7 @@ class RecommendOptions(PipelineOptions):
     """How user vectors are built and how many recommendations and similar items are written."""
 
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--top_k", type=int, default=20, help="Recommendations per user")
         parser.add_argument("--similar_k", type=int, default=20, help="Similar items per item")
         parser.add_argument("--event_weights", default="",
@@ -198,15 +199,30 @@ class NightlyOptions(PipelineOptions):
     """How long dated runs are kept."""
 
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--keep_days", type=int, default=None,
                             help="Once a run is complete, remove runs and staging dated more than this many days "
                                  "before --run_date; the newest complete run always stays (default: keep all)")
 
 
 INPUT_GROUPS = (RunOptions, PrivacyOptions, CatalogOptions, InteractionOptions, EncodeOptions)
-STAGE_GROUPS = {"ingest": INPUT_GROUPS, "encode": INPUT_GROUPS,
-                "nightly": (*INPUT_GROUPS, AlignOptions, RecommendOptions, NightlyOptions)}
+class AlertOptions(PipelineOptions):
+    """Alert thresholds: a breach is written to metrics.json ("alerts"), printed, and exits 4; the night is complete."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--alert_churn_above", type=float, default=None,
+                            help="Alert when the mean share of a user's recommendations that are new since the "
+                                 "previous night is above this (0-1)")
+        parser.add_argument("--alert_coverage_below", type=float, default=None,
+                            help="Alert when the share of the catalogue recommended at least once is below this")
+        parser.add_argument("--alert_dead_fraction_above", type=float, default=None,
+                            help="Alert when any stage dead-letters more than this share of its records (below "
+                                 "--max_dead_fraction, which fails the run instead)")
+
+
+STAGE_GROUPS = {"ingest": (*INPUT_GROUPS, AlertOptions), "encode": (*INPUT_GROUPS, AlertOptions),
+                "nightly": (*INPUT_GROUPS, AlignOptions, RecommendOptions, NightlyOptions, AlertOptions)}
 
 
 def help_text(stage: str) -> str:

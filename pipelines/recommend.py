@@ -15,6 +15,8 @@ seen every item, or an item alone in the catalogue, gets no rows and a dead lett
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Iterator
+
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
@@ -27,6 +29,9 @@ from mmfuse.transforms import topk
 from mmfuse.transforms.deadletter import dead_letter
 from mmfuse.transforms.users import RecentPopular, UserVectors
 
+if TYPE_CHECKING:
+    from apache_beam.utils.windowed_value import WindowedValue
+
 POPULARITY = "popularity"
 _CONTRIBUTIONS = pa.map_(pa.string(), pa.float32())
 USERS = pa.schema([("user_id", pa.string()), ("vector", pa.list_(pa.float32())),
@@ -37,8 +42,9 @@ SIMILAR_ITEMS = pa.schema([("item_id", pa.string()), ("rank", pa.int32()), ("sim
                            ("score", pa.float32()), ("contributions", _CONTRIBUTIONS)])
 
 
-def recommend(job: Job, o: RecommendConfig, items, interactions) -> None:
-    """Write ``users``, ``recommendations`` and ``similar_items`` from fused items and interactions."""
+def recommend(job: Job, o: RecommendConfig, items: beam.PCollection, interactions: beam.PCollection) -> dict:
+    """Write ``users``, ``recommendations`` and ``similar_items`` from fused items and interactions; returns
+    the rankings ``(user, Ranked)``: ``personal`` (top-k of user vectors) and ``all`` (with the fallback's)."""
     users = {"interactions": interactions, "items": items} | "UserVectors" >> UserVectors(o.weighting)
     personal, fallback = users | "Fallback?" >> beam.Partition(lambda u, _: int(u["fallback"]), 2)
     job.count("users", "users", personal=personal, fallback=fallback)
@@ -66,9 +72,11 @@ def recommend(job: Job, o: RecommendConfig, items, interactions) -> None:
                   "no_other_items", "the catalogue has no other item with a vector")
     job.write("similar_items", similar | "SimilarRows" >> beam.ParDo(_RankingTables(SIMILAR_ITEMS)),
               SIMILAR_ITEMS, tables=True)
+    return {"personal": ranked, "all": all_ranked}
 
 
-def _ranked_stage(job: Job, stage: str, ids, ranked, error: str, message: str) -> None:
+def _ranked_stage(job: Job, stage: str, ids: beam.PCollection, ranked: beam.PCollection, error: str,
+                  message: str) -> None:
     """Count the stage: every query id is ranked (out) or dead-lettered with why it got nothing."""
     joined = ({"id": ids | f"{stage} keys" >> beam.Map(lambda i: (i, None)),
                "ranked": ranked | f"{stage} ranked keys" >> beam.Keys() | f"{stage} ranked" >> beam.Map(
@@ -106,16 +114,16 @@ class _RankingTables(beam.DoFn):
         super().__init__()
         self._schema = schema
 
-    def start_bundle(self):
+    def start_bundle(self) -> None:
         self._held, self._rows = [], 0
 
-    def process(self, ranked):
+    def process(self, ranked: tuple[str, Ranked]) -> Iterator[pa.Table]:
         self._held.append(ranked)
         self._rows += len(ranked[1].scores)
         if self._rows >= self.ROWS:
             yield self._flush()
 
-    def finish_bundle(self):
+    def finish_bundle(self) -> Iterator[WindowedValue]:
         if self._held:
             yield GlobalWindows.windowed_value(self._flush())
 

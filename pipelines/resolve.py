@@ -3,10 +3,15 @@ vector length, custom models checked, and the previous complete run a night buil
 decisions; none of them runs a transform."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 from mmfuse.models.registry import MODALITIES, factory
 from mmfuse.pipelines.config import Config, EncodeConfig
 from mmfuse.transforms.contract import CatalogColumns, ContractError
 from mmfuse.transforms.runs import is_complete, latest_complete
+
+if TYPE_CHECKING:
+    from mmfuse.models.base import Encoder
 
 
 def choose_modalities(asked: tuple[str, ...], spec: CatalogColumns, columns: set[str]) -> list[str]:
@@ -33,7 +38,7 @@ def previous_run(config: Config) -> str | None:
     return choice.rstrip("/")
 
 
-def encoder_factory(opts: EncodeConfig, modality: str):
+def encoder_factory(opts: EncodeConfig, modality: str) -> Callable[[], Encoder]:
     """The modality's default encoder, or the user's own model named by ``--custom_encoders``, with its settings."""
     custom = opts.custom_encoders
     windows = {"max_windows": opts.audio_max_windows}

@@ -6,7 +6,7 @@ import dataclasses
 import shlex
 
 
-def print_args(job_class, argv: list[str] | None, prog: str) -> int:
+def print_args(job_class: type, argv: list[str] | None, prog: str) -> int:
     """Parse one flag per field of the ``job_class`` dataclass (required where it has no default) and print
     the job's pipeline options as shell words, to splice into an ``mmfuse nightly`` command line."""
     parser = argparse.ArgumentParser(prog=prog, description=print_args.__doc__)

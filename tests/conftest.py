@@ -76,6 +76,14 @@ def metrics(run_dir: str | Path) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 
 
+VOLATILE = ("run_id", "files", "stage_seconds")  # metrics.json keys that differ between two runs of one night
+
+
+def comparable(report: dict) -> dict:
+    """A run's metrics without what differs between two runs of the same inputs."""
+    return {k: v for k, v in report.items() if k not in VOLATILE}
+
+
 def dataset(run_dir: str | Path, name: str):
     return read_dataset(str(run_dir), name)
 

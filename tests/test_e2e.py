@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmfuse.pipelines import nightly
-from tests.conftest import ROOT, RUN_DATE, dataset, metrics, nightly_args, sorted_rows
+from tests.conftest import ROOT, RUN_DATE, comparable, dataset, metrics, nightly_args, sorted_rows
 
 pytestmark = pytest.mark.slow
 
@@ -24,14 +24,10 @@ def _nightly(demo, output: Path, *extra: str) -> Path:
     return output / RUN_DATE
 
 
-def _comparable(report: dict) -> dict:
-    return {k: v for k, v in report.items() if k not in ("run_id", "files")}
-
-
 def test_multi_process_run_equals_in_memory_run(demo, demo_night, tmp_path):
     in_memory = demo_night
     multi = _nightly(demo, tmp_path / "multi", "--direct_running_mode=multi_processing", "--direct_num_workers=2")
-    assert _comparable(metrics(in_memory)) == _comparable(metrics(multi))
+    assert comparable(metrics(in_memory)) == comparable(metrics(multi))
     dead = [sorted_rows(dataset(run, "dead_letter"), "stage", "key", "source") for run in (in_memory, multi)]
     assert dead[0] == dead[1]
     a, b = (sorted_rows(dataset(run, "embeddings"), "item_id") for run in (in_memory, multi))

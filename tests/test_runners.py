@@ -24,7 +24,7 @@ from mmfuse.pipelines import nightly
 from mmfuse.pipelines.job import execute
 from mmfuse.pipelines.options import help_text
 from mmfuse.runners import dataflow, portable
-from tests.conftest import ROOT, RUN_DATE, dataset, metrics, nightly_args
+from tests.conftest import ROOT, RUN_DATE, comparable, dataset, metrics, nightly_args
 
 VENV_BIN = Path(sys.executable).parent
 # musicnn is left out to keep the suite short; tests/test_audio_encoder.py covers it.
@@ -52,7 +52,7 @@ def assert_same_runs(a: Path, b: Path, roots: tuple[str, str] | None = None,
         return value
 
     def report(run_dir, root, source):
-        text = json.dumps({k: v for k, v in metrics(run_dir).items() if k not in ("run_id", "files")})
+        text = json.dumps(comparable(metrics(run_dir)))
         return json.loads(relative(text, root, source))
 
     _assert_close(report(a, roots[0], inputs[0]), report(b, roots[1], inputs[1]), "metrics.json")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -16,6 +17,9 @@ import pyarrow as pa
 from mmfuse.transforms import media
 from mmfuse.transforms.deadletter import DEAD, dead_letter
 from mmfuse.transforms.inference import Encode
+
+if TYPE_CHECKING:
+    from mmfuse.models.base import Encoder
 
 REUSED = "reused"
 
@@ -35,11 +39,11 @@ class PrecomputedVectors(beam.PTransform):
         super().__init__()
         self._name, self._dim = name, dim
 
-    def expand(self, items):
+    def expand(self, items: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
         name, dim = self._name, self._dim
         stage, identifier = f"encode:{name}", f"precomputed:{name}:{dim}"
 
-        def check(element):
+        def check(element: tuple[str, dict]) -> Iterator[tuple[str, tuple] | beam.pvalue.TaggedOutput]:
             item_id, item = element
             values = item["vectors"][name]
             if len(values) != dim or not all(math.isfinite(v) for v in values):
@@ -76,16 +80,18 @@ class EncodeModality(beam.PTransform):
     Vector branches are ``(item_id, (modality, vector, hash))``.
     """
 
-    def __init__(self, modality: str, raw, make, batch_size: int, resource_hints: dict, previous=None):
+    def __init__(self, modality: str, raw: Callable[[dict], str | bytes | media.MediaFile | None],
+                 make: Callable[[], Encoder], batch_size: int, resource_hints: dict,
+                 previous: beam.PCollection | None = None):
         super().__init__()
         self._modality, self._raw, self._make = modality, raw, make
         self._batch_size, self._hints, self._previous = batch_size, resource_hints, previous
 
-    def expand(self, items):
+    def expand(self, items: beam.PCollection) -> dict[str, beam.PCollection]:
         encoder = self._make()  # cheap: networks are built on first use
         modality, raw_of, identifier = self._modality, self._raw, encoder.identifier
 
-        def with_hash(element):
+        def with_hash(element: tuple[str, dict]) -> Iterator[tuple[str, tuple[Any, str, str]]]:
             item_id, item = element
             raw = raw_of(item)
             if raw is not None:
@@ -93,7 +99,7 @@ class EncodeModality(beam.PTransform):
                            raw.sha256.encode() if isinstance(raw, media.MediaFile) else raw)
                 yield item_id, (raw, item["source"], content_hash(identifier, payload))
 
-        def reuse_or_encode(element):
+        def reuse_or_encode(element: tuple[str, dict]) -> Iterator[tuple | beam.pvalue.TaggedOutput]:
             item_id, grouped = element
             before = dict((h, v) for v, h in grouped["before"])
             for raw, source, digest in grouped["now"]:
@@ -121,7 +127,7 @@ class PreviousVectors(beam.PTransform):
         super().__init__()
         self._modality = modality
 
-    def expand(self, rows):
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
         m = self._modality
         return rows | beam.FlatMap(
             lambda row: [(row["item_id"], (row[m], row[f"{m}_hash"]))] if row.get(f"{m}_hash") else [])
@@ -141,11 +147,11 @@ class MergeEmbeddings(beam.PTransform):
         super().__init__()
         self._modalities = modalities
 
-    def expand(self, inputs):
+    def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection:
         items = inputs["items"]
         modalities = self._modalities
 
-        def row(element):
+        def row(element: tuple[str, dict]) -> dict:
             item_id, grouped = element
             out = {"item_id": item_id, **{m: None for m in modalities}, **{f"{m}_hash": None for m in modalities}}
             for modality, vector, digest in grouped["vectors"]:

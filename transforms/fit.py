@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -17,6 +17,9 @@ import numpy as np
 from mmfuse.models import evaluation as ev
 from mmfuse.transforms.artifacts import publish
 from mmfuse.transforms.sample import FitItems, NewestEvents
+
+if TYPE_CHECKING:
+    from mmfuse.models.align import AlignConfig
 
 
 def compact(row: dict, modalities: Sequence[str]) -> dict:
@@ -27,7 +30,8 @@ def compact(row: dict, modalities: Sequence[str]) -> dict:
             **{m: np.asarray(row[m], np.float32) for m in modalities if row.get(m) is not None}}
 
 
-def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modalities: Sequence[str], config) -> str:
+def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modalities: Sequence[str],
+                    config: AlignConfig) -> str:
     """Fit on the sample's items and the sample's interactions on them (the last 10% of each user's for the
     choices made on validation); save to ``folder``. Inputs are sorted first, so the fit does not depend on
     their arrival order."""
@@ -45,7 +49,7 @@ def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modaliti
     del rows, events
     fit, val = ev.validation_split(inter)
 
-    def arrays(x):
+    def arrays(x: ev.Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return x.user, x.item, x.timestamp
 
     with tempfile.TemporaryDirectory(prefix="mmfuse-alignment-") as local:
@@ -61,13 +65,13 @@ class FitContrastive(beam.PTransform):
     """``(embeddings rows, interactions)`` -> the folder of the alignment fitted on the sample, written once.
     ``accelerator``: a resource hint (e.g. a GPU) for the fit step alone."""
 
-    def __init__(self, folder: str, modalities: Sequence[str], config, fit_events: int, fit_items: int,
+    def __init__(self, folder: str, modalities: Sequence[str], config: AlignConfig, fit_events: int, fit_items: int,
                  seed: int, accelerator: str | None = None):
         super().__init__()
         self._folder, self._modalities, self._config = folder, list(modalities), config
         self._fit_events, self._fit_items, self._seed, self._accelerator = fit_events, fit_items, seed, accelerator
 
-    def expand(self, inputs):
+    def expand(self, inputs: tuple[beam.PCollection, beam.PCollection]) -> beam.PCollection:
         rows, interactions = inputs
         events = (interactions
                   | "Events" >> beam.Map(lambda e: (e["timestamp"], e["user_id"], e["item_id"]))

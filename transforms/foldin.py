@@ -10,7 +10,7 @@ so the same inputs give the same vectors bit for bit.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -33,7 +33,7 @@ class _Table:
 
 
 class _WithTable(beam.DoFn):
-    def __init__(self, load):
+    def __init__(self, load: Callable[[str], object]):
         self._load = load
 
     def setup(self):
@@ -43,7 +43,7 @@ class _WithTable(beam.DoFn):
 class _UserVectors(_WithTable):
     """(user, items) -> (item, the user's summed anchor vectors) for each of the user's items not in the table."""
 
-    def process(self, element, folder):
+    def process(self, element: tuple[str, Iterable[str]], folder: str) -> Iterator[tuple[str, np.ndarray]]:
         table = self._tables.get(folder)
         if table is None:
             return
@@ -61,7 +61,7 @@ class _UserVectors(_WithTable):
 class _Fold(_WithTable):
     """(item, sum of its users' vectors) -> (item, its cf vector)."""
 
-    def process(self, element, folder):
+    def process(self, element: tuple[str, np.ndarray], folder: str) -> Iterator[tuple[str, np.ndarray]]:
         item, total = element
         yield item, fold_in(self._tables.get(folder).solver, total[None, :] / SCALE)[0]
 
@@ -69,19 +69,19 @@ class _Fold(_WithTable):
 class _VectorSum(beam.CombineFn):
     """Elementwise sum of integer vectors, in place in the accumulator (exact: any order gives the same sum)."""
 
-    def create_accumulator(self):
+    def create_accumulator(self) -> None:
         return None
 
-    def add_input(self, total, vector):
+    def add_input(self, total: np.ndarray | None, vector: np.ndarray) -> np.ndarray:
         return vector.copy() if total is None else np.add(total, vector, out=total)
 
-    def merge_accumulators(self, totals):
+    def merge_accumulators(self, totals: Iterable[np.ndarray | None]) -> np.ndarray | None:
         out = None
         for total in totals:
             out = self.add_input(out, total) if total is not None else out
         return out
 
-    def extract_output(self, total):
+    def extract_output(self, total: np.ndarray | None) -> np.ndarray | None:
         return total
 
 
@@ -91,11 +91,11 @@ class FoldIn(beam.PTransform):
     ``folder``: singleton PCollection of the artifact folder; ``load(folder)`` returns its
     ``models.collaborative.CfTable`` (None: nothing to fold in). Repeated pairs count once, as in the fit."""
 
-    def __init__(self, folder, load: Callable[[str], object]):
+    def __init__(self, folder: beam.PCollection, load: Callable[[str], object]):
         super().__init__()
         self._folder, self._load = folder, load
 
-    def expand(self, pairs):
+    def expand(self, pairs: beam.PCollection) -> beam.PCollection:
         folder = beam.pvalue.AsSingleton(self._folder)
         return (pairs
                 | "ByUser" >> beam.GroupByKey()

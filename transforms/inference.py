@@ -6,7 +6,7 @@ decoding happens before batching, in :class:`Preprocess`, so one bad file never 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -17,6 +17,10 @@ from mmfuse.runners import process
 from mmfuse.transforms import media
 from mmfuse.transforms.artifacts import fetched
 from mmfuse.transforms.deadletter import DEAD, dead_letter
+
+if TYPE_CHECKING:
+    from mmfuse.models.align import Aligner
+    from mmfuse.models.pca import PcaAligner
 
 
 class EncoderHandler(ModelHandler[tuple[Any, Any], tuple[Any, np.ndarray], Encoder]):
@@ -33,7 +37,7 @@ class EncoderHandler(ModelHandler[tuple[Any, Any], tuple[Any, np.ndarray], Encod
         return self._make()
 
     def run_inference(self, batch: Sequence[tuple[Any, Any]], model: Encoder,
-                      inference_args=None) -> Iterable[tuple[Any, np.ndarray]]:
+                      inference_args: dict[str, Any] | None = None) -> Iterable[tuple[Any, np.ndarray]]:
         vectors = model.encode_batch([x for _, x in batch])
         return [(key, vector) for (key, _), vector in zip(batch, vectors)]
 
@@ -53,16 +57,17 @@ class AlignHandler(ModelHandler[dict, dict, Any]):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)  # fixed, as EncoderHandler
         self._folder = None
 
-    def update_model_path(self, model_path: str | None = None):
+    def update_model_path(self, model_path: str | None = None) -> None:
         self._folder = model_path
 
-    def load_model(self):
+    def load_model(self) -> Aligner | PcaAligner:
         from mmfuse.models import align  # Keras: loaded on the workers that apply it
         process.prepare()
         with fetched(self._folder) as local:
             return align.load(local)
 
-    def run_inference(self, batch: Sequence[dict], model, inference_args=None) -> Iterable[dict]:
+    def run_inference(self, batch: Sequence[dict], model: Aligner | PcaAligner,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[dict]:
         from mmfuse.models.align import Catalog
         catalog = Catalog.from_rows(batch, model.input_dims)
         out = model.apply(catalog.item_ids, catalog.features)
@@ -88,10 +93,11 @@ class Preprocess(beam.DoFn):
         self._make, self._stage = make, stage
         self._encoder = None
 
-    def setup(self):
+    def setup(self) -> None:
         self._encoder = self._make()
 
-    def process(self, element):
+    def process(self, element: tuple[tuple[str, str], tuple[Any, str]]
+                ) -> Iterator[tuple[tuple[str, str], Any] | beam.pvalue.TaggedOutput]:
         key, (raw, source) = element
         item_id = key[0]
         try:
@@ -100,7 +106,7 @@ class Preprocess(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD, dead_letter(self._stage, item_id, e.reason, str(e), source))
 
 
-    def _preprocess(self, raw):
+    def _preprocess(self, raw: Any) -> Any:
         if not isinstance(raw, media.MediaFile):
             return self._encoder.preprocess(raw)
         try:
@@ -124,7 +130,7 @@ class Encode(beam.PTransform):
         self._make, self._stage, self._batch_size, self._hints = make, stage, batch_size, resource_hints
         self._length_bucket = length_bucket
 
-    def expand(self, pcoll):
+    def expand(self, pcoll: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         inputs = pcoll | "Preprocess" >> beam.ParDo(Preprocess(self._make, self._stage)).with_outputs(DEAD, main="ok")
         ready = inputs.ok
         if self._length_bucket:

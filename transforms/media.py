@@ -17,7 +17,7 @@ import hashlib
 import os
 import posixpath
 import stat
-from typing import NamedTuple
+from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -39,7 +39,7 @@ def _local(path: str) -> str:
     return os.path.realpath(path[len("file://"):] if path.startswith("file://") else path)
 
 
-def roots(paths) -> tuple[str, ...]:
+def roots(paths: Iterable[str]) -> tuple[str, ...]:
     """Media roots as compared: local ones as real paths, others normalised, each ending with a separator."""
     out = []
     for path in paths:
@@ -73,7 +73,7 @@ class MediaFile(NamedTuple):
     size: int
     sha256: str
 
-    def open(self):
+    def open(self) -> BinaryIO:
         """The file, opened for seekable binary reading."""
         if _is_local(self.name):
             return open(self.name, "rb")
@@ -133,17 +133,17 @@ class FetchMedia(beam.PTransform):
     it, keeping its other modalities.
     """
 
-    def __init__(self, kind: str, max_bytes: int, media_roots, in_parts: bool = False):
+    def __init__(self, kind: str, max_bytes: int, media_roots: Iterable[str], in_parts: bool = False):
         super().__init__()
         self._kind, self._max_bytes, self._roots, self._in_parts = kind, max_bytes, roots(media_roots), in_parts
 
-    def expand(self, items):
+    def expand(self, items: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
         kind, limit, allowed = self._kind, self._max_bytes, self._roots
         fetch_file = _reference if self._in_parts else lambda uri, allowed: _read(uri, limit, allowed)
         stage = f"media:{kind}"
         uri_key = f"{kind}_uri"
 
-        def fetch(element):
+        def fetch(element: tuple[str, dict]) -> Iterator[tuple[str, dict] | beam.pvalue.TaggedOutput]:
             item_id, item = element
             uri, inline = item.get(uri_key), item.get(kind)
             if uri is None and (inline is None or len(inline) <= limit):
@@ -170,6 +170,6 @@ class FetchMedia(beam.PTransform):
         return items | f"Fetch{kind.title()}" >> beam.FlatMap(fetch).with_outputs(DEAD, main="ok")
 
 
-def has(kind: str):
+def has(kind: str) -> Callable[[tuple[str, dict]], bool]:
     """Predicate: the keyed item has this modality's media (bytes or a URI still to read)."""
     return lambda element: element[1].get(kind) is not None or element[1].get(f"{kind}_uri") is not None

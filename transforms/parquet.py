@@ -7,7 +7,7 @@ that each record keeps its source (``file#row=N``) for dead letters and determin
 from __future__ import annotations
 
 import posixpath
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import apache_beam as beam
 import pyarrow as pa
@@ -21,7 +21,7 @@ _GLOB = set("*?[")
 
 def list_files(path: str) -> list[str]:
     """A file, a folder (its ``*.parquet`` files, recursively) or a glob; hidden and ``_`` paths skipped."""
-    def match(pattern):
+    def match(pattern: str) -> list[str]:
         return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
     if _GLOB & set(path):
@@ -67,10 +67,10 @@ class ReadRows(beam.PTransform):
         super().__init__()
         self._work, self._columns = work, tuple(columns)
 
-    def expand(self, pbegin):
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         columns = self._columns
 
-        def read(task):
+        def read(task: tuple[str, int, int]) -> Iterator[tuple[str, dict]]:
             file, group, first = task
             with FileSystems.open(file) as f:
                 pf = pq.ParquetFile(f)
@@ -94,7 +94,7 @@ class WriteDataset(beam.PTransform):
         super().__init__()
         self._prefix, self._schema, self._tables = prefix, schema, tables
 
-    def expand(self, pcoll):
+    def expand(self, pcoll: beam.PCollection) -> beam.PCollection:
         write = beam.io.WriteToParquetBatched if self._tables else beam.io.WriteToParquet
         return pcoll | write(self._prefix, self._schema, file_name_suffix=".parquet",
                              shard_name_template="-SSSSS-of-NNNNN")

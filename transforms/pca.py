@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import tempfile
+from typing import TYPE_CHECKING
 
 import apache_beam as beam
 import numpy as np
@@ -14,6 +15,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from mmfuse import runners
 from mmfuse.models import pca
 from mmfuse.transforms.artifacts import publish
+
+if TYPE_CHECKING:
+    from mmfuse.models.align import Catalog
 
 
 class FitPca(beam.PTransform):
@@ -24,7 +28,7 @@ class FitPca(beam.PTransform):
         super().__init__()
         self._modalities, self._dim, self._folder, self._temp_dir = modalities, dim, folder, temp_dir
 
-    def expand(self, rows):
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
         import tensorflow_transform.beam as tft_beam
         from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
@@ -50,7 +54,7 @@ def write_config(folder: str, dims: dict[str, int], config: dict) -> str:
         return publish(local, folder)
 
 
-def fit_in_memory(catalog, dim: int):
+def fit_in_memory(catalog: Catalog, dim: int) -> pca.PcaAligner:
     """The statistical alignment of an in-memory ``models.align.Catalog``, fitted by a pipeline on the local
     runner (for evaluation and tests), loaded."""
     from mmfuse.models import align

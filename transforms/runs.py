@@ -29,6 +29,7 @@ import re
 import signal
 import socket
 import uuid
+from typing import Callable, Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -306,20 +307,24 @@ class CommitRun(beam.PTransform):
     """Last step of a run: waits for every write, checks the counts reconcile, then commits.
 
     ``written`` are the PCollections of file names the writes return; taking them as side inputs makes
-    this step run only after all of them are finalised.
+    this step run only after all of them are finalised. ``alerts(report)`` names the thresholds the night
+    breached (kept in the report as ``alerts``; the night still commits); ``pages(report)`` gives files
+    drawn from the report (``{name: text}``), published with the night.
     """
 
-    def __init__(self, run: RunFolder, counts: list, written: list, extra: dict, reasons,
-                 max_dead_fraction: float = 1.0):
+    def __init__(self, run: RunFolder, counts: list, written: list, extra: dict, reasons: beam.PCollection,
+                 max_dead_fraction: float = 1.0, alerts: Callable[[dict], list[str]] | None = None,
+                 pages: Callable[[dict], dict[str, str]] | None = None):
         super().__init__()
         self._run, self._counts, self._written, self._extra = run, counts, written, extra
-        self._reasons, self._max_dead = reasons, max_dead_fraction
+        self._reasons, self._max_dead, self._alerts, self._pages = reasons, max_dead_fraction, alerts, pages
 
-    def expand(self, pbegin):
-        run, extra, limit = self._run, self._extra, self._max_dead
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        run, extra, limit, alerts, pages = self._run, self._extra, self._max_dead, self._alerts, self._pages
         counts = self._counts | "FlattenCounts" >> beam.Flatten()
 
-        def commit(_, counts, reasons, *written):
+        def commit(_: None, counts: list[tuple], reasons: list[tuple[tuple[str, str], int]],
+                   *written: list) -> Iterator[str]:
             report = {"run_date": run.run_date, "run_id": run.run_id, **extra, **counting.report(counts)}
             broken = counting.unreconciled(report.get("stages", {}))
             if broken:
@@ -331,6 +336,10 @@ class CommitRun(beam.PTransform):
             if refused:
                 raise TooManyDeadLetters(refused)
             report["files"] = sum(len(w) for w in written)
+            report["alerts"] = alerts(report) if alerts else []
+            for name, text in (pages(report) if pages else {}).items():
+                with FileSystems.create(_join(run.staging, name)) as f:
+                    f.write(text.encode())
             run.commit(report, [path for w in written for path in w if isinstance(path, str)])
             yield run.final
 

@@ -38,7 +38,7 @@ class NewestEvents(beam.PTransform):
         super().__init__()
         self._n = n
 
-    def expand(self, events):
+    def expand(self, events: beam.PCollection) -> beam.PCollection:
         stamps = events | "Stamps" >> beam.Map(lambda e: e[0])
         total = stamps | "CountEvents" >> beam.combiners.Count.Globally()
         quantiles = stamps | "StampQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES)
@@ -61,21 +61,22 @@ class FitItems(beam.PTransform):
     sample of the others (each kept with probability (n - touched) / (catalog size - touched), then the first
     by hash)."""
 
-    def __init__(self, events, n: int, seed: int):
+    def __init__(self, events: beam.PCollection, n: int, seed: int):
         super().__init__()
         self._events, self._n, self._seed = events, n, seed
 
-    def expand(self, rows):
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
         n, seed = self._n, self._seed
         chosen = self._events | "Touched" >> beam.Map(_chosen_ids, n)
         size = rows | "CountItems" >> beam.combiners.Count.Globally()
 
-        def keep(row, chosen, size):
+        def keep(row: dict, chosen: dict[str, int], size: int) -> bool:
             if row["item_id"] in chosen:
                 return True
             return seeded_fraction(seed, row["item_id"]) < (n - len(chosen)) / max(size - len(chosen), 1)
 
-        def rank(row, chosen):  # touched items by how often, then the sampled ones by hash
+        def rank(row: dict, chosen: dict[str, int]) -> tuple[int, float, str]:
+            # touched items by how often, then the sampled ones by hash
             item = row["item_id"]
             return (0, chosen[item], "") if item in chosen else (1, seeded_fraction(seed, item), item)
 

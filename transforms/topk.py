@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import apache_beam as beam
 import numpy as np
@@ -30,6 +31,12 @@ from apache_beam.transforms.window import GlobalWindows
 
 from mmfuse.models import topk
 from mmfuse.models.ranking import Batch, Ranked, Shard, Span, merge, spans
+
+if TYPE_CHECKING:
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    Pieces = Mapping[tuple[int, int], Iterable[Shard]]  # side input: the pieces under each (bucket, group) key
+    PieceCounts = Mapping[tuple[int, int], int]  # side input: items under each (bucket, group) key
 
 USER_BATCH = 8192    # queries per batch: 8192 x 64 float32 is 2 MiB, plus the exclusions
 ITEM_SHARD = 131072  # items per shard: 131072 x 64 float32 is 32 MiB per modality plus the fused vector
@@ -54,7 +61,7 @@ class TopK(beam.PTransform):
                              f"{shard_size}")
         self._k, self._batch, self._shard = k, batch_size, shard_size
 
-    def expand(self, inputs):
+    def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection:
         items, piece_counts = inputs["items"] | "ItemPieces" >> _Pieces()
         return (_global(inputs["queries"])
                 | "QueryBatches" >> beam.ParDo(_Stack(Batch, self._batch))
@@ -62,7 +69,7 @@ class TopK(beam.PTransform):
                                        beam.pvalue.AsSingleton(piece_counts)))
 
 
-def _global(records):
+def _global(records: beam.PCollection) -> beam.PCollection:
     if not isinstance(records.windowing.windowfn, GlobalWindows):
         raise ValueError("TopK: records must be in the global window (a batch of all queries and items)")
     return records
@@ -72,7 +79,7 @@ class _Pieces(beam.PTransform):
     """Items into ``((bucket, group), piece)`` pairs, stacked in the bundle that reads them and cut by bucket,
     and the number of items under each key (a ``Counter``, the only thing that waits for all items)."""
 
-    def expand(self, records):
+    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         pieces = _global(records) | "Stack" >> beam.ParDo(_Stack(Shard, BLOCK)) | "Cut" >> beam.ParDo(_Cut(GROUP))
         counts = (pieces
                   | "Count" >> beam.Map(lambda kv: collections.Counter({kv[0]: len(kv[1].ids)}))
@@ -85,23 +92,23 @@ class _Stack(beam.DoFn):
     they are gathered, never handed on as a list: a runner samples an element's size by encoding it, and a
     list of thousands of records, each array pickled on its own, costs more to encode than to stack."""
 
-    def __init__(self, kind, size: int):
+    def __init__(self, kind: type[Shard] | type[Batch], size: int):
         super().__init__()
         self._kind, self._size = kind, size
 
-    def start_bundle(self):
+    def start_bundle(self) -> None:
         self._records = []
 
-    def process(self, record):
+    def process(self, record: Any) -> Iterator[Shard | Batch]:
         self._records.append(record)
         if len(self._records) == self._size:
             yield self._flush()
 
-    def finish_bundle(self):
+    def finish_bundle(self) -> Iterator[WindowedValue]:
         if self._records:
             yield GlobalWindows.windowed_value(self._flush())
 
-    def _flush(self):
+    def _flush(self) -> Shard | Batch:
         block, self._records = self._kind.stack(self._records), []
         return block
 
@@ -117,17 +124,17 @@ class _Cut(beam.DoFn):
         super().__init__()
         self._size = size
 
-    def setup(self):
+    def setup(self) -> None:
         self._group, self._rows = 0, self._size
 
-    def process(self, block):
+    def process(self, block: Shard) -> Iterator[tuple[tuple[int, int], Shard]]:
         if self._rows + len(block.ids) > self._size:
             self._group, self._rows = int(block.hashes[0] >> np.uint64(1)), 0  # fits an int64, as keys must
         self._rows += len(block.ids)
         yield from _cut(block, self._group)
 
 
-def _cut(block, group: int):
+def _cut(block: Shard, group: int) -> Iterator[tuple[tuple[int, int], Shard]]:
     """The block's rows in pieces by bucket, keyed ``(bucket, group)``: reordered once, then cut into slices."""
     buckets = topk.bucket(block.hashes, BUCKETS)
     order = np.argsort(buckets, kind="stable")
@@ -137,7 +144,7 @@ def _cut(block, group: int):
         yield (int(buckets[lo]), group), block.rows(lo, hi)
 
 
-def bucket_counts(piece_counts) -> np.ndarray:
+def bucket_counts(piece_counts: PieceCounts) -> np.ndarray:
     """Items per bucket, from the counts per ``(bucket, group)`` key."""
     out = np.zeros(BUCKETS, dtype=np.int64)
     for (bucket, _), rows in piece_counts.items():
@@ -145,7 +152,7 @@ def bucket_counts(piece_counts) -> np.ndarray:
     return out
 
 
-def _read(pieces, span: Span, piece_counts) -> Shard:
+def _read(pieces: Pieces, span: Span, piece_counts: PieceCounts) -> Shard:
     """The shard of ``span`` from its pieces, checked against the count before they are put together."""
     keys = sorted(key for key in piece_counts if span.lo <= key[0] < span.hi)
     mine = [p for key in keys for p in pieces[key]]
@@ -173,11 +180,11 @@ class _Rank(beam.DoFn):
         super().__init__()
         self._k, self._shard_size = k, shard_size
 
-    def setup(self):
+    def setup(self) -> None:
         topk.compile_kernels()
         self._held = None  # (span, shard, HashIndex of its ids)
 
-    def process(self, batch, items, piece_counts):
+    def process(self, batch: Batch, items: Pieces, piece_counts: PieceCounts) -> Iterator[tuple[str, Ranked]]:
         shards = spans(bucket_counts(piece_counts), self._shard_size)
         if self._held is not None and self._held[0] in shards:
             shards.remove(self._held[0])
@@ -193,7 +200,8 @@ class _Rank(beam.DoFn):
         if best is not None:
             yield from _per_query(best)
 
-    def _rank(self, batch, excluded_rows, excluded_ids, excluded_hashes, shard, index) -> Ranked:
+    def _rank(self, batch: Batch, excluded_rows: np.ndarray, excluded_ids: np.ndarray, excluded_hashes: np.ndarray,
+              shard: Shard, index: topk.HashIndex) -> Ranked:
         """The batch's best k in one shard. A method of its own so that nothing refers to the shard once it
         returns: the next shard is read with this one freed."""
         found, cols = index.find(excluded_ids, excluded_hashes)
@@ -202,7 +210,7 @@ class _Rank(beam.DoFn):
         return Ranked(batch.ids, item_ids, scores, shard.modalities,
                       topk.contributions(batch.vectors, shard.parts, shard.has, columns))
 
-    def _shard(self, items, span: Span, piece_counts):
+    def _shard(self, items: Pieces, span: Span, piece_counts: PieceCounts) -> tuple[Shard, topk.HashIndex]:
         if self._held is None or self._held[0] != span:
             self._held = None
             if _MALLOC_TRIM is not None:
@@ -212,7 +220,7 @@ class _Rank(beam.DoFn):
         return self._held[1:]
 
 
-def _per_query(r: Ranked):
+def _per_query(r: Ranked) -> Iterator[tuple[str, Ranked]]:
     """A batch's ranking as one record per query that got any item."""
     item_ids, found = topk.text(r.item_ids), np.count_nonzero(r.scores > -np.inf, axis=1).tolist()
     for row, (query, n) in enumerate(zip(topk.text(r.query_ids).tolist(), found)):

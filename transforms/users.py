@@ -9,6 +9,7 @@ weights that cancel out) gets no vector and is flagged for the popularity fallba
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -49,7 +50,7 @@ class UserVectors(beam.PTransform):
         super().__init__()
         self._weighting = weighting
 
-    def expand(self, inputs):
+    def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection:
         weighting = self._weighting
         histories = (inputs["interactions"]
                      | "ByUser" >> beam.Map(lambda e: (e["user_id"], e))
@@ -68,7 +69,7 @@ class UserVectors(beam.PTransform):
                 | "User" >> beam.MapTuple(_user))
 
 
-def _scaled(joined):
+def _scaled(joined: tuple[str, dict]) -> Iterator[tuple[str, tuple[np.ndarray, int]]]:
     """``(user, (weight x item vector, 1))`` for each weighted interaction on an item that has a vector."""
     _, grouped = joined
     for vector in grouped["vector"]:  # at most one: item ids are unique
@@ -81,13 +82,15 @@ def _scaled(joined):
 class _WeightedSum(beam.CombineFn):
     """Sum of weighted vectors and the number of interactions in it; the accumulator is one vector."""
 
-    def create_accumulator(self):
+    def create_accumulator(self) -> tuple[None, int]:
         return None, 0
 
-    def add_input(self, accumulator, element):
+    def add_input(self, accumulator: tuple[np.ndarray | None, int],
+                  element: tuple[np.ndarray, int]) -> tuple[np.ndarray | None, int]:
         return self.merge_accumulators([accumulator, element])
 
-    def merge_accumulators(self, accumulators):
+    def merge_accumulators(self, accumulators: Iterable[tuple[np.ndarray | None, int]]
+                           ) -> tuple[np.ndarray | None, int]:
         total, n = None, 0
         for vector, count in accumulators:
             if vector is not None:
@@ -95,7 +98,7 @@ class _WeightedSum(beam.CombineFn):
                 n += count
         return total, n
 
-    def extract_output(self, accumulator):
+    def extract_output(self, accumulator: tuple[np.ndarray | None, int]) -> tuple[np.ndarray | None, int]:
         return accumulator
 
 
@@ -117,7 +120,7 @@ class RecentPopular(beam.PTransform):
         super().__init__()
         self._window, self._n = window_s, n
 
-    def expand(self, inputs):
+    def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection:
         window, n = self._window, self._n
         interactions = inputs["interactions"]
         newest = beam.pvalue.AsSingleton(interactions

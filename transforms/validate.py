@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Iterable, Iterator
 
 import apache_beam as beam
 
@@ -31,10 +32,10 @@ class ValidateCatalog(beam.PTransform):
         super().__init__()
         self._spec = spec
 
-    def expand(self, rows):
+    def expand(self, rows: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         spec, stage = self._spec, self.STAGE
 
-        def check(element):
+        def check(element: tuple[str, dict]) -> Iterator[tuple[str, dict] | beam.pvalue.TaggedOutput]:
             source, row = element
             try:
                 item = contract.catalog_item(row, source.rpartition("#row=")[0], spec)
@@ -46,7 +47,7 @@ class ValidateCatalog(beam.PTransform):
             item["source"] = source
             yield item["item_id"], item
 
-        def keep_newest(element):
+        def keep_newest(element: tuple[str, Iterable[dict]]) -> Iterator[tuple[str, dict] | beam.pvalue.TaggedOutput]:
             item_id, copies = element
             copies = sorted(copies, key=lambda c: (c["updated_at"] or _OLDEST, _order(c["source"])))
             kept = copies[-1]
@@ -77,16 +78,16 @@ class ValidateInteractions(beam.PTransform):
 
     STAGE = "interactions"
 
-    def __init__(self, spec: contract.InteractionColumns, run_date: str, item_ids,
+    def __init__(self, spec: contract.InteractionColumns, run_date: str, item_ids: beam.PCollection,
                  pseudonym_key: bytes | None = None):
         super().__init__()
         self._spec, self._item_ids, self._key = spec, item_ids, pseudonym_key
         self._not_after = dt.datetime.combine(dt.date.fromisoformat(run_date), dt.time.max, dt.timezone.utc)
 
-    def expand(self, rows):
+    def expand(self, rows: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         spec, stage, not_after, key = self._spec, self.STAGE, self._not_after, self._key
 
-        def check(element):
+        def check(element: tuple[str, dict]) -> Iterator[tuple[str, tuple[str, dict]] | beam.pvalue.TaggedOutput]:
             source, row = element
             try:
                 event = contract.interaction(row, spec, not_after)
@@ -102,7 +103,7 @@ class ValidateInteractions(beam.PTransform):
                 event["user_id"] = pseudonym(key, event["user_id"])
             yield event["item_id"], (source, event)
 
-        def join(element):
+        def join(element: tuple[str, dict]) -> Iterator[dict | beam.pvalue.TaggedOutput]:
             item_id, grouped = element
             for source, event in grouped["events"]:
                 if grouped["items"]:

@@ -1,0 +1,63 @@
+"""A night's summary figures, report and alerts, end to end on the demo night."""
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mmfuse.pipelines import alerts, report
+from mmfuse.transforms import summary
+from tests.conftest import ROOT, RUN_DATE, dataset, metrics
+
+pytestmark = pytest.mark.slow  # reads a nightly run
+
+
+def test_report_draws_the_nights_own_figures(demo_night):
+    figures = metrics(demo_night)
+    page = (demo_night / report.REPORT).read_text()
+    assert page == report.render(figures)  # the page is drawn from metrics.json and nothing else
+    for section in ("Stages", "Dead letters by reason", "Modalities and fusion", "Alignment training",
+                    "Recommendations", "Sample users"):
+        assert f"<h2>{section}</h2>" in page
+    s = figures["summary"]
+    assert set(s["modality_coverage"]) == {"text", "image", "audio_mfcc", "features", "cf"}
+    assert set(s["fusion_weights"]) == set(s["modality_coverage"])
+    assert len(s["samples"]["users"]) == 5 and s["alignment"]["curves"] and figures["alerts"] == []
+    assert set(figures["stage_seconds"]) == set(figures["stages"])
+
+    # Independent counts from the written datasets.
+    items = dataset(demo_night, "items").to_pylist()
+    recs = dataset(demo_night, "recommendations").to_pylist()
+    shown = collections.Counter(r["item_id"] for r in recs)
+    coverage = {m: sum(m in dict(i["weights"]) for i in items) / len(items) for m in s["modality_coverage"]}
+    assert s["modality_coverage"] == pytest.approx(coverage, abs=1e-6)
+    exposure = np.array([shown.get(i["item_id"], 0) for i in items])
+    assert s["exposure"]["catalogue_coverage"] == pytest.approx((exposure > 0).mean(), abs=1e-6)
+    x = np.sort(exposure.astype(float))
+    gini = (2 * np.arange(1, len(x) + 1) - len(x) - 1) @ x / (len(x) * x.sum())
+    assert s["exposure"]["gini"] == pytest.approx(gini, abs=1e-6)
+    assert sum(s["scores"]["personal"]["counts"]) == sum("popularity" not in dict(r["contributions"]) for r in recs)
+    assert 0 <= s["exposure"]["long_tail_share"] <= 1
+    sample = s["samples"]["users"][0]
+    mine = [r for r in recs if r["user_id"] == sample["user_id"]]
+    assert [r["item_id"] for r in sorted(mine, key=lambda r: r["rank"])] == \
+        [r["item_id"] for r in sample["recommendations"]]
+    assert all(r["title"] for r in sample["recommendations"])
+
+
+def test_a_breached_threshold_is_reported_and_exits_4_with_the_night_complete(tmp_path):
+    catalog, out = tmp_path / "catalog.parquet", tmp_path / "out"
+    pq.write_table(pa.table({"item_id": ["a", "", "b", "c"], "title": ["A", "no id", "B", "C"]}), catalog)
+    proc = subprocess.run([sys.executable, "-m", "mmfuse.pipelines.cli", "ingest", f"--catalog={catalog}",
+                           f"--output={out}", f"--run_date={RUN_DATE}", "--runner=DirectRunner",
+                           "--alert_dead_fraction_above=0.2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == alerts.ALERT_EXIT, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("mmfuse ingest: alert: ")]
+    assert lines and len(lines) == len(metrics(out / RUN_DATE)["alerts"])
+    assert (out / RUN_DATE / "_SUCCESS").exists() and (out / RUN_DATE / report.REPORT).exists()
+    assert summary.SECTION not in metrics(out / RUN_DATE)  # ingest alone has no recommendations to summarise
