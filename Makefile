@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/python -m examples.demo_data --out $(DEMO)/data
 	$(BIN)/mmfuse nightly --catalog=$(DEMO)/data/catalog --interactions=$(DEMO)/data/interactions \
 		--output=$(DEMO)/output $(DEMO_FLAGS)
-	@echo "outputs: $(DEMO)/output/<date>/ (datasets as Parquet, metrics.json, _SUCCESS)"
+	@echo "outputs: $(DEMO)/output/<date>/ (datasets as Parquet, metrics.json, report.html, _SUCCESS)"
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

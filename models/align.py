@@ -481,7 +481,8 @@ def fit_and_refit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndar
     is_cold = np.zeros(n_items, bool)
     is_cold[cold] = True
     seen, held = (tuple(a[~is_cold[x[1]]] for a in x) for x in (train, validation))
-    known = Catalog(catalog.item_ids, {m: np.where(is_cold[:, None], np.nan, v) for m, v in catalog.features.items()})
+    known = catalog if not len(cold) else Catalog(
+        catalog.item_ids, {m: np.where(is_cold[:, None], np.nan, v) for m, v in catalog.features.items()})
     cf = None
     if config.collaborative:
         factors = collaborative.Factors(seen[0], seen[1], n_items, config.dim, config.cf_anchors)
@@ -493,7 +494,8 @@ def fit_and_refit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndar
     probe = fit(known, seen, held, half, log_dir, cf)
     epochs = int(np.argmin(probe.metrics["val_loss"])) + 1
     if choose_fusion:
-        out, names = probe.apply(catalog.item_ids, catalog.features), probe.modalities  # cold items: content only
+        content = {m: v for m, v in catalog.features.items() if m != CF}  # cold items: content only
+        out, names = probe.apply(catalog.item_ids, content), probe.modalities
         candidates = _fusions(names)
 
         def fused(weights: Mapping[str, float] | None) -> np.ndarray:
@@ -506,7 +508,8 @@ def fit_and_refit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndar
             # warm figures on the items the probe saw, cold ones on those it did not
             vectors = fused(weights)
             warm = _validation_metrics(np.where(is_cold[:, None], np.nan, vectors), seen, held, config)
-            new = _validation_metrics(vectors, seen, validation, config, cold)
+            new = (_validation_metrics(vectors, seen, validation, config, cold) if len(cold)
+                   else {"recall@20": 0.0, "ndcg@20": 0.0})
             return {**warm, **{f"cold {k}": v for k, v in new.items()},
                     "warm + cold ndcg@20": warm["ndcg@20"] + new["ndcg@20"]}
         best, chosen["fusion"] = _choose(candidates, score, "warm + cold ndcg@20")

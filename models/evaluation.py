@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -202,6 +202,34 @@ def evaluate_cold(scores: Scores, test: Interactions, held_out: np.ndarray,
     """Cold metrics (recall@20, ndcg@20): each user ranks only the held-out items."""
     result = _evaluate(_as_scorer(scores), test.matrix(), None, held_out, batch_size)
     return {key: result[key] for key in ("recall@20", "ndcg@20")}
+
+
+def score_lists(recommended: Mapping[str, Sequence[str]], held: Mapping[str, Iterable[str]], n_items: int,
+                ks: Sequence[int] = KS) -> dict[str, float]:
+    """The protocol's recall and NDCG at ``ks`` of ranked lists (best first, as a night wrote them) against
+    held-out items, over the users with held-out items (a user without a list scores 0), and coverage at
+    the largest k: the distinct items those users were shown, over ``n_items``. Same definitions as
+    :func:`evaluate`: recall divides the hits by all of a user's held-out items, NDCG by the ideal DCG of
+    min(held-out, k) hits."""
+    k_max = max(ks)
+    discount = 1.0 / np.log2(np.arange(2, k_max + 2))
+    ideal = np.cumsum(discount)
+    users = sorted(u for u, items in held.items() if items)
+    sums = dict.fromkeys([f"{m}@{k}" for m in ("recall", "ndcg") for k in ks], 0.0)
+    shown: set = set()
+    for user in users:
+        truth = set(held[user])
+        ranked = list(recommended.get(user, ()))[:k_max]
+        shown.update(ranked)
+        hits = np.zeros(k_max, bool)
+        hits[:len(ranked)] = [item in truth for item in ranked]
+        for k in ks:
+            sums[f"recall@{k}"] += hits[:k].sum() / len(truth)
+            sums[f"ndcg@{k}"] += (hits[:k] @ discount[:k]) / ideal[min(len(truth), k) - 1]
+    result = {key: float(value) / max(len(users), 1) for key, value in sums.items()}
+    result[f"coverage@{k_max}"] = len(shown) / n_items if n_items else 0.0
+    result["users"] = len(users)
+    return result
 
 
 def cross_modal_recall(queries: np.ndarray, targets: np.ndarray, k: int = 10) -> dict[str, float]:

@@ -1,6 +1,11 @@
 """``mmfuse evaluate``: the protocol of docs/evaluation.md on any data in the contract.
 
+    mmfuse evaluate --run=ROOT/<date> --holdout=PATH --output=DIR
     mmfuse evaluate --catalog=PATH --interactions=PATH --embeddings=RUN_DIR --output=DIR [--methods=...]
+
+With ``--run``, scores what that night wrote (its ``recommendations``) against held-out interactions (e.g.
+those that came after it), with the protocol's metrics, per user-activity segment too, and the night's
+exposure figures: quality tracked night over night. Otherwise:
 
 Reads an encode run's ``embeddings`` and the interactions, makes the warm (temporal) and cold-item splits,
 fits every method on the training side only (hyper-parameters and early stopping on the validation split
@@ -18,7 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
 from mmfuse.models import evaluation as ev
 from mmfuse.runners import process
@@ -200,17 +207,72 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SEGMENTS = ("light", "medium", "heavy")  # users by how many interactions built their vector, in thirds
+
+
+def score_run(run_dir: str, holdout: str, user_column: str = "user_id", item_column: str = "item_id") -> dict:
+    """A night's own recommendations scored against the held-out interactions of ``holdout`` (Parquet), on
+    the night's catalogue items. Holds the night's lists (users x k ids) and the held-out pairs."""
+    lists: dict[str, list[str]] = {}
+    recs = read_dataset(run_dir, "recommendations", ["user_id", "rank", "item_id"])
+    recs = recs.sort_by([("user_id", "ascending"), ("rank", "ascending")])
+    for user, item in zip(recs["user_id"].to_pylist(), recs["item_id"].to_pylist()):
+        lists.setdefault(user, []).append(item)
+    catalogue = set(read_dataset(run_dir, "items", ["item_id"])["item_id"].to_pylist())
+    table = pq.read_table(holdout, columns=[user_column, item_column])
+    held: dict[str, set[str]] = {}
+    for user, item in zip(table[user_column].to_pylist(), table[item_column].to_pylist()):
+        if str(item) in catalogue:
+            held.setdefault(str(user), set()).add(str(item))
+    users = read_dataset(run_dir, "users", ["user_id", "n_interactions"])
+    activity = dict(zip(users["user_id"].to_pylist(), users["n_interactions"].to_pylist()))
+    scored = sorted(u for u in held if u in activity)  # users the night knew: others had nothing to go on
+    result = {"run": run_dir, "holdout": holdout, "items": len(catalogue),
+              "overall": ev.score_lists(lists, {u: held[u] for u in scored}, len(catalogue))}
+    if scored:
+        cuts = np.quantile([activity[u] for u in scored], [1 / 3, 2 / 3])
+        segment = {u: SEGMENTS[int(np.searchsorted(cuts, activity[u], side="right"))] for u in scored}
+        result["by_activity"] = {name: ev.score_lists(lists, {u: held[u] for u in scored if segment[u] == name},
+                                                      len(catalogue)) for name in SEGMENTS}
+        result["activity_cuts"] = [float(c) for c in cuts]
+    with FileSystems.open(f"{run_dir.rstrip('/')}/metrics.json") as f:
+        summary = json.load(f).get("summary", {})
+    result["exposure"] = {k: v for k, v in summary.get("exposure", {}).items() if k != "histogram"}
+    return result
+
+
+def run_markdown(result: dict) -> str:
+    rows = [("all users", result["overall"])]
+    rows += [(f"{name} users", m) for name, m in result.get("by_activity", {}).items()]
+    lines = ["| users | n | R@10 | R@20 | N@10 | N@20 | cov@20 |", "|---|--:|--:|--:|--:|--:|--:|"]
+    lines += [f"| {name} | {m['users']} | {m['recall@10']:.4f} | {m['recall@20']:.4f} | {m['ndcg@10']:.4f} | "
+              f"{m['ndcg@20']:.4f} | {m['coverage@20']:.4f} |" for name, m in rows]
+    exposure = ", ".join(f"{k} {v}" for k, v in result["exposure"].items())
+    return f"{result['run']} against {result['holdout']}\n\n" + "\n".join(lines) + f"\n\nExposure: {exposure}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     process.prepare()
     parser = argparse.ArgumentParser(prog="mmfuse evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--catalog", required=True, help="Catalog Parquet (its item order breaks time ties)")
-    parser.add_argument("--interactions", required=True, help="Interactions Parquet")
-    parser.add_argument("--embeddings", required=True,
-                        help="A complete run folder (with _SUCCESS) holding an `embeddings` dataset")
+    parser.add_argument("--run", help="A complete night (ROOT/<date>) whose recommendations are scored against "
+                                      "--holdout")
+    parser.add_argument("--holdout", help="With --run: held-out interactions Parquet (user and item columns)")
+    parser.add_argument("--user_id_column", default="user_id", help="With --run: the holdout's user column")
+    parser.add_argument("--interaction_item_id_column", default="item_id",
+                        help="With --run: the holdout's item column")
+    parser.add_argument("--catalog", help="Catalog Parquet (its item order breaks time ties)")
+    parser.add_argument("--interactions", help="Interactions Parquet")
+    parser.add_argument("--embeddings", help="A complete run folder (with _SUCCESS) holding an `embeddings` dataset")
     parser.add_argument("--output", required=True, help="Folder for evaluation.json and evaluation.md")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated among {', '.join(METHODS)}")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.run:
+        return _main_run(args)
+    missing = [f"--{n}" for n in ("catalog", "interactions", "embeddings") if not getattr(args, n)]
+    if missing:
+        print(f"mmfuse evaluate: error: missing {' '.join(missing)} (or --run and --holdout)", file=sys.stderr)
+        return 2
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -229,5 +291,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _main_run(args: argparse.Namespace) -> int:
+    if not args.holdout:
+        print("mmfuse evaluate: error: --run needs --holdout", file=sys.stderr)
+        return 2
+    if not is_complete(args.run):
+        print(f"mmfuse evaluate: error: {args.run} is not a complete run (no _SUCCESS)", file=sys.stderr)
+        return 2
+    try:
+        result = score_run(args.run, args.holdout, args.user_id_column, args.interaction_item_id_column)
+    except (OSError, KeyError, pa.ArrowException) as e:
+        print(f"mmfuse evaluate: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(result, indent=1))
+    (out / "evaluation.md").write_text(run_markdown(result))
+    o = result["overall"]
+    print(f"mmfuse evaluate: {o['users']} users, R@20 {o['recall@20']:.4f}, N@20 {o['ndcg@20']:.4f}; wrote "
+          f"{out / 'evaluation.json'} and {out / 'evaluation.md'}")
+    return 0
+
+
 if __name__ == "__main__":
+    from mmfuse.runners import process
+    process.quiet_console(verbose="--verbose" in sys.argv)
     sys.exit(main())

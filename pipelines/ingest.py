@@ -49,4 +49,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from mmfuse.runners import process
+    process.quiet_console(verbose="--verbose" in sys.argv)
     sys.exit(main())

@@ -102,7 +102,8 @@ def run_job(name: str, build: Callable[[Job, Config], None], argv: list[str] | N
     dead-lettered too much exit code 3, any other failure exit code 1; a complete night that breached an
     alert threshold prints one line per breach and exits with ``alerts.ALERT_EXIT`` (4)."""
     process.prepare()
-    logging.getLogger().setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.setLevel(max(root.level, logging.WARNING))  # a quiet console (runners.process) may have raised it
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):
         print(help_text(name))
@@ -121,8 +122,14 @@ def run_job(name: str, build: Callable[[Job, Config], None], argv: list[str] | N
         print(f"mmfuse {name}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
               file=sys.stderr)
         return 1
-    with FileSystems.open(f"{run.final}/{METRICS}") as f:
-        metrics = json.load(f)
+    path = f"{run.final}/{METRICS}"
+    metrics = None
+    if FileSystems.exists(path):
+        with FileSystems.open(path) as f:
+            metrics = json.load(f)
+    if not metrics or metrics.get("run_id") != run.run_id:  # a dry run, a template, a launcher that did not wait
+        print(f"mmfuse {name}: submitted run {run.run_id} for {run.final}")
+        return 0
     print(summary(name, run.final, metrics))
     for line in metrics.get("alerts", []):
         print(f"mmfuse {name}: alert: {line}", file=sys.stderr)

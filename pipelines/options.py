@@ -39,6 +39,9 @@ class RunOptions(PipelineOptions):
         parser.add_argument("--max_dead_fraction", type=float, default=0.5,
                             help="A stage that dead-letters more than this share of its records fails the run "
                                  "(exit 3, nothing published; its dead letters stay in staging); 1: never")
+        parser.add_argument("--verbose", action="store_true",
+                            help="Show the libraries' own log lines (TensorFlow, absl, Beam); by default the "
+                                 "console holds mmfuse's lines only")
         parser.add_argument("--media_roots", default="",
                             help="Comma-separated folders or prefixes (local or gs://) that image_uri and "
                                  "audio_uri may point into; anything else is refused (default: the catalog's "

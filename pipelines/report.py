@@ -25,7 +25,8 @@ def _svg(draw: Callable[[Any], None], width: float = 5.0, height: float = 2.8) -
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with matplotlib.rc_context({"svg.hashsalt": "mmfuse", "svg.fonttype": "none", "font.size": 9}):
+    with matplotlib.rc_context({"svg.hashsalt": "mmfuse", "svg.fonttype": "none", "font.size": 9,
+                                "text.parse_math": False}):  # a column named "$x$" is a name, not a formula
         fig, ax = plt.subplots(figsize=(width, height))
         try:
             draw(ax)
@@ -109,6 +110,9 @@ def render(metrics: dict) -> str:
              f'<p class="note">run {html.escape(str(metrics.get("run_id", "")))}; every figure on this page is '
              f"in this folder's metrics.json.</p>"]
 
+    parts.append("<h2>Alerts</h2>")
+    parts.append(_table(["breached threshold"], [[a] for a in metrics.get("alerts", [])])
+                 if metrics.get("alerts") else "<p>None.</p>")
     stages = metrics.get("stages", {})
     parts.append("<h2>Stages</h2>")
     parts.append(_table(["stage", "in", "out", "dead letters", "seconds"],
@@ -138,6 +142,9 @@ def render(metrics: dict) -> str:
     alignment = s.get("alignment", {})
     if alignment.get("curves"):
         parts.append("<h2>Alignment training</h2>")
+        reused = metrics.get("alignment", {}).get("reused_from")
+        if reused:
+            parts.append(f'<p class="note">Reused from {html.escape(reused)}: these curves are that fit\'s.</p>')
         parts.append(_svg(_curves(alignment["curves"])))
         parts.append(_table(["figure", "value"], [[k, json.dumps(v)] for k, v in alignment.items() if k != "curves"]))
 
@@ -151,10 +158,14 @@ def render(metrics: dict) -> str:
             ["catalogue coverage (share of items recommended at least once)", exposure["catalogue_coverage"]],
             ["long-tail share (slots going to items outside the most-interacted fifth)", exposure["long_tail_share"]],
             ["exposure Gini (0: every item equally often)", exposure["gini"]]]))
-    churn = s.get("churn", {})
-    parts.append(_table(["figure", "value"], [[
-        "churn against the previous night (share of a user's recommendations that are new)",
-        churn.get("mean", "no previous night")]]))
+    churn = s.get("churn")
+    if churn is not None:
+        parts.append(_table(["figure", "value"], [
+            ["churn against the previous night (mean share of a user's recommendations that are new)",
+             churn.get("mean", "no user recommended both nights")],
+            ["users recommended both nights", churn.get("users", 0)]]))
+    elif exposure:
+        parts.append("<p>Churn: no previous night with recommendations.</p>")
 
     users = s.get("samples", {}).get("users", [])
     if users:

@@ -10,7 +10,6 @@ from apache_beam.io.filesystems import FileSystems
 
 from mmfuse.pipelines.config import Config
 from mmfuse.pipelines.job import Job
-from mmfuse.pipelines.resolve import previous_run
 from mmfuse.transforms import summary
 from mmfuse.transforms.parquet import ReadRows, plan
 from mmfuse.transforms.runs import has_dataset
@@ -65,7 +64,7 @@ def summarize(job: Job, config: Config, catalog: beam.PCollection, items: beam.P
                | "Samples" >> summary.Samples(SAMPLE_USERS, SAMPLE_HISTORY, _title(config.catalog.text)))
     alignment = artifact | "AlignmentFigures" >> beam.FlatMap(_alignment_figures)
     figures = [coverage, weights, scores, exposure, samples, alignment]
-    previous = previous_run(config)
+    previous = job.report.get("previous")  # the night the encode stage built on: one decision for the run
     if previous and has_dataset(previous, "recommendations"):
         work, _ = plan(posixpath.join(previous, "recommendations"), lambda f, c: None)
         before = (job.pipeline

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import os
+import re
+import sys
+import threading
 
 _prepared = False
+_console = False
+# Lines the libraries write straight to the process's stderr, below Python: absl's C++ log lines
+# (TensorFlow's oneDNN and CUDA probes, which on a CPU host report a "failed call to cuInit"), and two
+# warnings that workers print once per process or per model.
+_NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\)"
+                    rb"|[IWEF]\d{4} \d\d:\d\d:[\d.]+ +\d+ \S+:\d+\]"
+                    rb"|WARNING:root:Resource module is not available"
+                    rb"|WARNING:tensorflow:.*tf\.function retracing)")
+QUIET_LOGGERS = ("tensorflow", "absl", "apache_beam", "keras", "jax", "numba", "h5py")
 
 
 def prepare() -> None:
-    """Quiet TensorFlow's C++ start-up lines (CUDA probes on CPU hosts would bury the job's own output; child
-    processes, local workers among them, inherit the setting), and skip the collector at exit.
+    """Quiet TensorFlow's Python-side start-up (child processes, local workers among them, inherit the
+    setting), and skip the collector at exit.
 
     A process's exit ends with the collector's full passes over every object its libraries made (Beam,
     numba, TensorFlow: hundreds of thousands), which holds up the end of a local runner's job by most of a
@@ -22,3 +35,38 @@ def prepare() -> None:
     if not _prepared:
         atexit.register(gc.freeze)
         _prepared = True
+
+
+def quiet_console(verbose: bool = False) -> None:
+    """For a command line: only mmfuse's own lines on the console. The libraries' Python loggers show
+    errors only, and a thread filters the process's native stderr (which its child processes share)
+    through ``_NOISE``. ``verbose`` (``--verbose``) leaves everything as the libraries write it."""
+    global _console
+    prepare()
+    if verbose or _console:
+        return
+    _console = True
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    sys.stderr.flush()
+    real = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pump() -> None:
+        with os.fdopen(read, "rb") as source:
+            for line in source:
+                if not _NOISE.match(line):
+                    os.write(real, line)
+
+    thread = threading.Thread(target=pump, name="mmfuse-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:  # the last lines through, then stderr as it was
+        sys.stderr.flush()
+        os.dup2(real, 2)
+        thread.join(timeout=2.0)
+
+    atexit.register(restore)

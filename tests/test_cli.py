@@ -36,9 +36,12 @@ def test_catalog_without_required_columns_stops_with_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and f"{path}: catalog has no 'item_id' column" in proc.stderr
 
 
-def test_usage_lists_stages():
+def test_usage_lists_stages_and_the_version_is_the_packages():
     proc = _run(str(ROOT / ".venv" / "bin" / "mmfuse"))
     assert proc.returncode == 2 and "nightly" in proc.stderr and "ingest" in proc.stderr
+    from mmfuse import __version__
+    proc = _run(str(ROOT / ".venv" / "bin" / "mmfuse"), "--version")
+    assert proc.returncode == 0 and proc.stdout == f"mmfuse {__version__}\n"
 
 
 @pytest.mark.slow
@@ -119,3 +122,9 @@ def test_evaluate_reads_only_a_complete_run(tmp_path, capsys):
     assert evaluate.main([f"--catalog={tmp_path}/c.parquet", f"--interactions={tmp_path}/i.parquet",
                           f"--embeddings={tmp_path / 'run'}", f"--output={tmp_path / 'out'}"]) == 2
     assert "is not a complete run (no _SUCCESS)" in capsys.readouterr().err
+
+
+def test_readme_is_short_and_links_every_doc():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"(docs/{p.name})" not in readme] == []

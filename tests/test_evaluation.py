@@ -211,3 +211,23 @@ def test_movielens_reference_figures(tmp_path):
     cold_train, cold_test, held_out = ev.cold_split(inter)
     cold_random = ev.evaluate_cold(ev.Random().fit(cold_train).score, cold_test, held_out)
     assert cold_random == pytest.approx({"recall@20": 0.033, "ndcg@20": 0.038}, abs=0.01)
+
+
+def test_scoring_written_lists_is_the_protocol():
+    """Top-20 lists scored by ``score_lists`` give the protocol's figures for the scores they came from."""
+    rng = np.random.default_rng(3)
+    n_users, n_items = 40, 300
+    scores = rng.normal(size=(n_users, n_items)).astype(np.float32)
+    test_rows = [(u, i) for u in range(n_users) for i in rng.choice(n_items, rng.integers(1, 30), replace=False)]
+    names = np.array([f"i{i}" for i in range(n_items)])
+    test = ev.Interactions(user=np.array([u for u, _ in test_rows]), item=np.array([i for _, i in test_rows]),
+                           timestamp=np.zeros(len(test_rows), np.int64), weight=np.ones(len(test_rows), np.float32),
+                           user_ids=np.array([f"u{u}" for u in range(n_users)]), item_ids=names)
+    empty = test.subset(np.zeros(len(test_rows), bool))
+    expected = ev.evaluate(scores, empty, test)
+    lists = {f"u{u}": names[np.argsort(-scores[u], kind="stable")[:20]].tolist() for u in range(n_users)}
+    held = {f"u{u}": {f"i{i}" for v, i in test_rows if v == u} for u in range(n_users)}
+    got = ev.score_lists(lists, held, n_items)
+    assert got["users"] == n_users
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key

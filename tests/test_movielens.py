@@ -8,6 +8,7 @@ from PIL import Image, ImageOps
 
 from tests.conftest import dataset, metrics, movielens_run
 from tests.test_recommend import check_movielens
+from tests.test_report import score_night_against_a_seeded_holdout
 
 pytestmark = pytest.mark.slow
 
@@ -63,3 +64,7 @@ def test_movielens_nights(movielens_night, tmp_path):
     before = {r["item_id"]: r["text_hash"] for r in embeddings.select(["item_id", "text_hash"]).to_pylist()}
     after = {r["item_id"]: r["text_hash"] for r in dataset(second_dir, "embeddings").to_pylist()}
     assert {i for i in after if after[i] != before[i]} == set(retitled)
+
+
+def test_evaluate_scores_a_movielens_night_as_an_independent_scorer_does(movielens_night, tmp_path):
+    score_night_against_a_seeded_holdout(movielens_night["first"], tmp_path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ def test_report_draws_the_nights_own_figures(demo_night):
     figures = metrics(demo_night)
     page = (demo_night / report.REPORT).read_text()
     assert page == report.render(figures)  # the page is drawn from metrics.json and nothing else
-    for section in ("Stages", "Dead letters by reason", "Modalities and fusion", "Alignment training",
+    for section in ("Alerts", "Stages", "Dead letters by reason", "Modalities and fusion", "Alignment training",
                     "Recommendations", "Sample users"):
         assert f"<h2>{section}</h2>" in page
     s = figures["summary"]
@@ -61,3 +62,36 @@ def test_a_breached_threshold_is_reported_and_exits_4_with_the_night_complete(tm
     assert lines and len(lines) == len(metrics(out / RUN_DATE)["alerts"])
     assert (out / RUN_DATE / "_SUCCESS").exists() and (out / RUN_DATE / report.REPORT).exists()
     assert summary.SECTION not in metrics(out / RUN_DATE)  # ingest alone has no recommendations to summarise
+
+
+def score_night_against_a_seeded_holdout(night, tmp_path, seed: int = 0) -> None:
+    """``evaluate --run`` against a seeded holdout (catalogue items, plus an unknown item and user) equals
+    a scorer written here from the Parquet files alone."""
+    from mmfuse.pipelines import evaluate
+    items = dataset(night, "items")["item_id"].to_pylist()
+    users = dataset(night, "users")["user_id"].to_pylist()
+    rng = np.random.default_rng(seed)
+    pairs = [(u, items[i]) for u in sorted(users)[:200] for i in rng.choice(len(items), 3, replace=False)]
+    pairs += [(users[0], "no-such-item"), ("no-such-user", items[0])]
+    holdout = tmp_path / "holdout.parquet"
+    pq.write_table(pa.table({"user_id": [u for u, _ in pairs], "item_id": [i for _, i in pairs]}), holdout)
+    assert evaluate.main([f"--run={night}", f"--holdout={holdout}", f"--output={tmp_path / 'eval'}"]) == 0
+    got = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+
+    recs = dataset(night, "recommendations").to_pylist()
+    top = collections.defaultdict(list)
+    for r in sorted(recs, key=lambda r: (r["user_id"], r["rank"])):
+        top[r["user_id"]].append(r["item_id"])
+    held = collections.defaultdict(set)
+    for u, i in pairs:
+        if i in set(items) and u in set(users):
+            held[u].add(i)
+    recall = np.mean([len(set(top[u][:20]) & h) / len(h) for u, h in held.items()])
+    assert got["overall"]["users"] == len(held)
+    assert got["overall"]["recall@20"] == pytest.approx(recall, abs=1e-6)
+    assert sum(m["users"] for m in got["by_activity"].values()) == len(held)
+    assert set(got["exposure"]) >= {"catalogue_coverage", "gini", "long_tail_share"}
+
+
+def test_evaluate_scores_the_nights_own_recommendations(demo_night, tmp_path):
+    score_night_against_a_seeded_holdout(demo_night, tmp_path)

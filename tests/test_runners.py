@@ -55,7 +55,7 @@ def assert_same_runs(a: Path, b: Path, roots: tuple[str, str] | None = None,
         text = json.dumps(comparable(metrics(run_dir)))
         return json.loads(relative(text, root, source))
 
-    _assert_close(report(a, roots[0], inputs[0]), report(b, roots[1], inputs[1]), "metrics.json")
+    assert_close(report(a, roots[0], inputs[0]), report(b, roots[1], inputs[1]), "metrics.json")
     for name in datasets(a):
         rows = []
         for run_dir, root, source in zip((a, b), roots, inputs):
@@ -65,14 +65,14 @@ def assert_same_runs(a: Path, b: Path, roots: tuple[str, str] | None = None,
             rows.append(sorted(table_rows, key=lambda r: tuple(str(r[k]) for k in keys)))
         assert len(rows[0]) == len(rows[1]), name
         for ra, rb in zip(*rows):
-            _assert_close(ra, rb, f"{name}[{ra.get('item_id') or ra.get('user_id') or ra.get('key')}]")
+            assert_close(ra, rb, f"{name}[{ra.get('item_id') or ra.get('user_id') or ra.get('key')}]")
 
 
 def _exact(t) -> bool:
     return pa.types.is_string(t) or pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_temporal(t)
 
 
-def _assert_close(a, b, where: str) -> None:
+def assert_close(a, b, where: str) -> None:
     """Equal values, floats to the tolerance of a different batching (~1e-7 in embeddings, ~1e-6 once fitted
     stages such as the alignment have amplified it), at any depth (lists, structs)."""
     if isinstance(a, float) and isinstance(b, float):
@@ -80,11 +80,11 @@ def _assert_close(a, b, where: str) -> None:
     elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
-            _assert_close(x, y, f"{where}[{i}]")
+            assert_close(x, y, f"{where}[{i}]")
     elif isinstance(a, dict) and isinstance(b, dict):
         assert a.keys() == b.keys(), where
         for k in a:
-            _assert_close(a[k], b[k], f"{where}.{k}")
+            assert_close(a[k], b[k], f"{where}.{k}")
     else:
         assert a == b, (where, a, b)
 

@@ -55,7 +55,8 @@ def test_exposure_churn_and_score_figures_equal_a_direct_count():
                    "interactions": p | "Events" >> beam.Create(events)} | summary.Exposure()
         assert_that(figures, equal_to(expected), label="Exposure")
         churn = {"tonight": r, "before": p | "Before" >> beam.Create(before)} | summary.Churn()
-        assert_that(churn, equal_to([("summary", "churn", "mean", 0.25)]), label="Churn")  # u1 1/2 new, u2 none
+        assert_that(churn, equal_to([("summary", "churn", "users", 2), ("summary", "churn", "mean", 0.25)]),
+                    label="Churn")  # u1: 1/2 new, u2: none new; u3 and u9 were recommended one night only
         scores = r | summary.Histograms("scores", lambda qr: [("personal", float(s)) for s in qr[1].scores],
                                         -1.0, 1.0, 4)
         assert_that(scores, equal_to([("summary", "scores", "personal",
@@ -72,15 +73,16 @@ def test_report_shows_the_metrics_figures_and_alerts_name_each_breach():
                            "scores": {"personal": {"edges": [-1, 0, 1], "counts": [1, 9]}},
                            "exposure": {"catalogue_coverage": 0.3125, "long_tail_share": 0.1667, "gini": 0.7321,
                                         "histogram": {"0": 7, "1": 2, "3": 1}, "head_threshold": 3},
-                           "churn": {"mean": 0.4321},
+                           "churn": {"mean": 0.4321, "users": 2},
                            "alignment": {"curves": {"final fit: loss": [3.0, 2.5]}, "fusion": "weighted"},
                            "samples": {"users": [{
                                "user_id": "u1", "history": [{"item_id": "a", "title": "Heat"}],
                                "recommendations": [{"item_id": "b", "title": "Ronin & co", "score": 0.9,
                                                     "contributions": {"text": 0.9}}]}]}}}
     page = report.render(metrics)
-    for text in ("Stages", "Dead letters by reason", "Modalities and fusion", "Alignment training", "Recommendations",
-                 "Sample users", "0.3125", "0.1667", "0.7321", "0.4321", "duplicate_item_id", "Heat", "Ronin &amp; co"):
+    for text in ("Alerts", "Stages", "Dead letters by reason", "Modalities and fusion", "Alignment training",
+                 "Recommendations", "Sample users", "0.3125", "0.1667", "0.7321", "0.4321", "duplicate_item_id",
+                 "Heat", "Ronin &amp; co"):
         assert text in page, text
     assert page.count("<svg") == 8 and not any(ref in page for ref in ('src="', 'href="http', "url(http"))  # offline
     assert report.render(metrics) == page  # the same figures draw the same page

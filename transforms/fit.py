@@ -15,6 +15,7 @@ import apache_beam as beam
 import numpy as np
 
 from mmfuse.models import evaluation as ev
+from mmfuse.runners import process
 from mmfuse.transforms.artifacts import publish
 from mmfuse.transforms.sample import FitItems, NewestEvents
 
@@ -35,6 +36,7 @@ def fit_contrastive(folder: str, rows: list[dict], events: list[tuple], modaliti
     """Fit on the sample's items and the sample's interactions on them (the last 10% of each user's for the
     choices made on validation); save to ``folder``. Inputs are sorted first, so the fit does not depend on
     their arrival order."""
+    process.prepare()
     from mmfuse.models import align  # Keras: loaded on the worker that fits, not where the pipeline is built
     start = time.monotonic()
     dims = {m: next(len(r[m]) for r in rows if r.get(m) is not None)

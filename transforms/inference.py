@@ -94,6 +94,7 @@ class Preprocess(beam.DoFn):
         self._encoder = None
 
     def setup(self) -> None:
+        process.prepare()
         self._encoder = self._make()
 
     def process(self, element: tuple[tuple[str, str], tuple[Any, str]]

@@ -7,7 +7,7 @@ that each record keeps its source (``file#row=N``) for dead letters and determin
 from __future__ import annotations
 
 import posixpath
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
@@ -100,12 +100,12 @@ class WriteDataset(beam.PTransform):
                              shard_name_template="-SSSSS-of-NNNNN")
 
 
-def read_dataset(run_dir: str, dataset: str) -> pa.Table:
-    """A dataset of a finished run as one Arrow table (for tests, evaluation and summaries)."""
+def read_dataset(run_dir: str, dataset: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """A dataset of a finished run as one Arrow table, or only its ``columns`` (for tests and evaluation)."""
     files = sorted(m.path for m in FileSystems.match([posixpath.join(run_dir, dataset, "*.parquet")])[0]
                    .metadata_list)
     tables = []
     for file in files:
         with FileSystems.open(file) as f:
-            tables.append(pq.read_table(f))
+            tables.append(pq.read_table(f, columns=columns))
     return pa.concat_tables(tables) if tables else pa.table({})

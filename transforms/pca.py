@@ -1,4 +1,5 @@
-"""Fit the statistical alignment (models/pca.py) over the whole catalog with tf.Transform.
+"""Fit the statistical alignment (models/pca.py) over the whole catalog with tf.Transform, in the nightly
+pipeline (``FitPca``) or on an in-memory catalog for evaluation (``fit_in_memory``).
 
 tf.Transform writes with ``tf.io.gfile``: local paths and, where TensorFlow has credentials, gs://."""
 from __future__ import annotations

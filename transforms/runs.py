@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import posixpath
 import re
@@ -337,8 +338,13 @@ class CommitRun(beam.PTransform):
                 raise TooManyDeadLetters(refused)
             report["files"] = sum(len(w) for w in written)
             report["alerts"] = alerts(report) if alerts else []
-            for name, text in (pages(report) if pages else {}).items():
-                with FileSystems.create(_join(run.staging, name)) as f:
+            try:  # a page is a view of the report: failing to draw it must not cost the night
+                drawn = pages(report) if pages else {}
+            except Exception:  # noqa: BLE001 - logged with its traceback; the night goes on without the page
+                logging.exception("could not draw the run's pages; the night is published without them")
+                drawn = {}
+            for name, text in drawn.items():
+                with FileSystems.create(_join(run.staging, name), mime_type="text/html") as f:
                     f.write(text.encode())
             run.commit(report, [path for w in written for path in w if isinstance(path, str)])
             yield run.final

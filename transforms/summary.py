@@ -82,20 +82,20 @@ def head_threshold(popularity: dict[int, int], share: float = HEAD_SHARE) -> int
     return threshold
 
 
-def _exposure_figures(per_item: Iterable[tuple[int, int]], threshold: int) -> list[tuple]:
-    """From each catalogue item's (times recommended, interactions): coverage, long-tail share and Gini."""
-    exposure: dict[int, int] = {}
-    shown = tail = items = 0
-    for exposed, popularity in per_item:
-        exposure[exposed] = exposure.get(exposed, 0) + 1
-        items += 1
-        shown += exposed
-        tail += exposed if popularity < threshold else 0
-    return [(SECTION, "exposure", "catalogue_coverage", round(1 - exposure.get(0, 0) / items, 6) if items else 0.0),
-            (SECTION, "exposure", "long_tail_share", round(tail / shown, 6) if shown else 0.0),
-            (SECTION, "exposure", "gini", round(gini(exposure), 6)),
-            (SECTION, "exposure", "histogram", {str(k): v for k, v in sorted(exposure.items())}),
+def _exposure_figures(_: None, exposure: list[tuple[int, int]], tail: tuple[int, int], threshold: int) -> list[tuple]:
+    """Coverage, long-tail share and Gini from the histogram of exposure counts and the tail's slots."""
+    histogram = dict(exposure)
+    items, (tail_slots, slots) = sum(histogram.values()), tail
+    return [(SECTION, "exposure", "catalogue_coverage", round(1 - histogram.get(0, 0) / items, 6) if items else 0.0),
+            (SECTION, "exposure", "long_tail_share", round(tail_slots / slots, 6) if slots else 0.0),
+            (SECTION, "exposure", "gini", round(gini(histogram), 6)),
+            (SECTION, "exposure", "histogram", {str(k): v for k, v in sorted(histogram.items())}),
             (SECTION, "exposure", "head_threshold", threshold)]
+
+
+def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    pairs = list(pairs)
+    return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
 
 class Exposure(beam.PTransform):
@@ -116,41 +116,55 @@ class Exposure(beam.PTransform):
                     | "PerItem" >> beam.CoGroupByKey()
                     | "Catalogue" >> beam.FlatMap(
                         lambda kv: [(sum(kv[1]["shown"]), sum(kv[1]["popular"]))] if kv[1]["id"] else []))
-        popularity = (per_item
-                      | "Popularity" >> beam.Map(lambda ep: (ep[1], 1))
-                      | "PopularityCounts" >> beam.CombinePerKey(sum)
-                      | "PopularityHistogram" >> beam.combiners.ToList()  # as many as distinct counts
-                      | "Threshold" >> beam.Map(lambda pairs: head_threshold(dict(pairs))))
+        threshold = beam.pvalue.AsSingleton(
+            per_item
+            | "Popularity" >> beam.Map(lambda ep: (ep[1], 1))
+            | "PopularityCounts" >> beam.CombinePerKey(sum)
+            | "PopularityHistogram" >> beam.combiners.ToList()  # as many as distinct counts
+            | "Threshold" >> beam.Map(lambda pairs: head_threshold(dict(pairs))))
         exposure = (per_item
-                    | "ExposureAndTail" >> beam.Map(lambda ep: (ep, 1))
-                    | "Distinct" >> beam.CombinePerKey(sum))  # (exposure, popularity) pairs: as many as distinct
-        return (exposure
-                | "AllPairs" >> beam.combiners.ToList()  # bounded by distinct (exposure, popularity) pairs
-                | "Figures" >> beam.FlatMap(
-                    lambda pairs, t: _exposure_figures([ep for ep, n in pairs for _ in range(n)], t),
-                    beam.pvalue.AsSingleton(popularity)))
+                    | "Exposure" >> beam.Map(lambda ep: (ep[0], 1))
+                    | "ExposureCounts" >> beam.CombinePerKey(sum)
+                    | "ExposureHistogram" >> beam.combiners.ToList())  # as many as distinct counts
+        tail = (per_item
+                | "TailSlots" >> beam.Map(lambda ep, t: (ep[0] if ep[1] < t else 0, ep[0]), threshold)
+                | "SumSlots" >> beam.CombineGlobally(_sum_pairs))
+        return (per_item.pipeline
+                | "Once" >> beam.Create([None])
+                | "Figures" >> beam.FlatMap(_exposure_figures, beam.pvalue.AsSingleton(exposure),
+                                            beam.pvalue.AsSingleton(tail), threshold))
 
 
-def _churn(element: tuple) -> list[float]:
+CHURN_SCALE = 10**9  # churn per user in fixed point: integer sums are the same in any order
+
+
+def _churn(element: tuple) -> list[tuple[int, int]]:
     _, grouped = element
     tonight, before = list(grouped["tonight"]), list(grouped["before"])
     if not tonight or not before:
         return []
     now = set(tonight[0])
-    return [1.0 - len(now & set(before)) / len(now)]
+    return [(round((1.0 - len(now & set(before)) / len(now)) * CHURN_SCALE), 1)]
+
+
+def _churn_figures(acc: tuple[int, int]) -> list[tuple]:
+    total, users = acc
+    mean = round(total / CHURN_SCALE / users, 6) if users else None
+    return [(SECTION, "churn", "users", users)] + ([(SECTION, "churn", "mean", mean)] if users else [])
 
 
 class Churn(beam.PTransform):
     """``{"tonight": (user, Ranked), "before": (user, item) rows of the previous night}`` -> the mean share of
-    a user's recommendations that are new tonight, over the users recommended both nights, and how many."""
+    a user's recommendations that are new tonight, over the users recommended both nights, and how many
+    such users there are."""
 
     def expand(self, inputs: dict) -> beam.PCollection:
         tonight = inputs["tonight"] | "Tonight" >> beam.Map(lambda qr: (qr[0], [str(i) for i in qr[1].item_ids]))
         joined = {"tonight": tonight, "before": inputs["before"]} | "ByUser" >> beam.CoGroupByKey()
         return (joined
                 | "Churn" >> beam.FlatMap(_churn)
-                | "Mean" >> beam.CombineGlobally(beam.combiners.MeanCombineFn()).without_defaults()
-                | "Figure" >> beam.Map(lambda mean: (SECTION, "churn", "mean", round(float(mean), 6))))
+                | "Sum" >> beam.CombineGlobally(_sum_pairs)
+                | "Figures" >> beam.FlatMap(_churn_figures))
 
 
 def _key(user_id: str) -> str:
