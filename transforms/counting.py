@@ -20,8 +20,9 @@ class _CountAndSpan(beam.CombineFn):
     def create_accumulator(self) -> tuple:
         return 0, None, None
 
-    def add_input(self, acc: tuple, t: float) -> tuple:
-        return self.merge_accumulators([acc, (1, t, t)])
+    def add_input(self, acc: tuple, t: float) -> tuple:  # once per counted record: kept to a few comparisons
+        n, first, last = acc
+        return n + 1, t if first is None or t < first else first, t if last is None or t > last else last
 
     def merge_accumulators(self, accs: Iterable[tuple]) -> tuple:
         accs = list(accs)
