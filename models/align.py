@@ -143,7 +143,7 @@ def _info_nce(logits: Any, valid: Any) -> Any:
 class AlignConfig:
     """Everything a fit depends on; stored with the artifact."""
 
-    dim: int = 64
+    dim: int | None = None  # None: chosen on validation among DIMS with the cf modality, else DEFAULT_DIM
     hidden: int = 256  # 0: linear heads
     fusion: str = "auto"  # "auto": chosen on validation among attention and cf at fixed weights (see CF_WEIGHTS)
     fusion_weights: dict = dataclasses.field(default_factory=dict)
@@ -163,6 +163,8 @@ class AlignConfig:
 
 
 CF_BETAS = (0.25, 0.5, 0.75)
+DIMS = (64, 128, 256)  # the shared space's dims chosen among (with cf's tilt, by cf's own validation figures)
+DEFAULT_DIM = 64  # without the cf modality there is nothing cheap to choose the dim by
 CF_WEIGHTS = (0.5, 0.7, 0.85)  # "auto" fusion: cf's fixed weight; the content modalities share the rest
 LEAD_SHARES = (0.65, 0.8)  # "auto" fusion: a leading content modality's share of the content weight
 COLD_SHARE = 0.2  # validated items the probe never sees: the fusion choice scores them as new items
@@ -353,9 +355,11 @@ class _TimeLimit(keras.callbacks.Callback):
             self.model.stop_training = self.stopped = True
 
 
-def cf_table(catalog: Catalog, factors: collaborative.Factors, beta: float) -> collaborative.CfTable:
-    """The cf vectors of the catalog items that have interactions, for one popularity tilt."""
-    vectors, solver = factors.table(beta)
+def cf_table(catalog: Catalog, factors: collaborative.Factors, beta: float,
+             dim: int | None = None) -> collaborative.CfTable:
+    """The cf vectors of the catalog items that have interactions, for one popularity tilt (and ``dim``, at
+    most the factors' own)."""
+    vectors, solver = factors.table(beta, dim)
     rows = np.flatnonzero(~np.isnan(vectors).any(1))
     return collaborative.CfTable(catalog.item_ids[rows], vectors[rows], np.isin(rows, factors.anchors), solver)
 
@@ -372,6 +376,7 @@ def fit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndarray],
     best epoch's weights; training stops after ``config.epochs`` or ``config.max_seconds``.
     """
     keras.utils.set_random_seed(config.seed)
+    config = dataclasses.replace(config, dim=config.dim or DEFAULT_DIM)
     dims = {m: catalog.features[m].shape[1] for m in catalog.features if m != CF}
     if config.collaborative and cf is None:
         factors = collaborative.Factors(train[0], train[1], len(catalog.item_ids), config.dim, config.cf_anchors)
@@ -468,7 +473,7 @@ def fit_and_refit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndar
     n_items, chosen = len(catalog.item_ids), {}
     if not (examples(*both, config.history)[2] >= len(train[0])).any():  # nothing to choose or stop early on
         final = fit(catalog, both, None, config, log_dir)
-        final.config = dataclasses.replace(config, fusion=final.model.fusion,
+        final.config = dataclasses.replace(final.config, fusion=final.model.fusion,
                                            cf_beta=0.75 if config.cf_beta is None else config.cf_beta)
         final.metrics = {"epochs": len(final.metrics["loss"]), "loss": final.metrics["loss"],
                          "stopped_by_time": final.metrics["stopped_by_time"]}
@@ -485,12 +490,17 @@ def fit_and_refit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndar
         catalog.item_ids, {m: np.where(is_cold[:, None], np.nan, v) for m, v in catalog.features.items()})
     cf = None
     if config.collaborative:
-        factors = collaborative.Factors(seen[0], seen[1], n_items, config.dim, config.cf_anchors)
-        betas = CF_BETAS if config.cf_beta is None else (config.cf_beta,)
-        tables = {str(b): cf_table(catalog, factors, b) for b in betas}
-        best, chosen["cf_beta"] = _choose(tables, lambda t: _validation_metrics(
-            t.lookup(catalog.item_ids), seen, held, config))
-        half, cf = dataclasses.replace(half, cf_beta=float(best)), tables[best]
+        # cf's own validation figures choose its tilt and the space's dim: closed form, so nine candidates
+        # cost seconds, where each dim's contrastive fit would cost the whole fit's time
+        dims = DIMS if config.dim is None else (config.dim,)
+        factors = collaborative.Factors(seen[0], seen[1], n_items, max(dims), config.cf_anchors)
+        tables = {f"dim={d} cf_beta={b}": (d, b) for d in dims
+                  for b in (CF_BETAS if config.cf_beta is None else (config.cf_beta,))}
+        best, chosen["cf"] = _choose(tables, lambda db: _validation_metrics(
+            cf_table(catalog, factors, db[1], db[0]).lookup(catalog.item_ids), seen, held, config))
+        dim, beta = tables[best]
+        half, cf = dataclasses.replace(half, dim=dim, cf_beta=beta), cf_table(catalog, factors, beta, dim)
+    half = dataclasses.replace(half, dim=half.dim or DEFAULT_DIM)
     probe = fit(known, seen, held, half, log_dir, cf)
     epochs = int(np.argmin(probe.metrics["val_loss"])) + 1
     if choose_fusion:

@@ -135,7 +135,8 @@ def interaction_matrix(user: np.ndarray, item: np.ndarray, n_items: int) -> scip
 
 
 class Factors:
-    """EASE factors of a fit's sample, computed once, from which :meth:`table` makes vectors for any beta."""
+    """EASE factors of a fit's sample, computed once, from which :meth:`table` makes vectors for any beta and
+    any dim up to ``dim`` (the eigenvectors come largest first, so a smaller dim takes a prefix)."""
 
     def __init__(self, user: np.ndarray, item: np.ndarray, n_items: int, dim: int, anchors: int = ANCHORS):
         if dim < 2:
@@ -148,12 +149,14 @@ class Factors:
         sub = self.matrix[:, self.anchors].tocoo()
         self.z = ease_factors(sub.row, sub.col, len(self.anchors), dim - 1)
 
-    def table(self, beta: float) -> tuple[np.ndarray, np.ndarray]:
-        """((n_items, dim) vectors, NaN for items without interactions; the fold-in solver)."""
-        anchored = tilt(self.z, self.dim, beta)
+    def table(self, beta: float, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """((n_items, dim) vectors, NaN for items without interactions; the fold-in solver). ``dim``: at most
+        the factors' own (their default)."""
+        dim = self.dim if dim is None else min(dim, self.dim)
+        anchored = tilt(self.z[:, :dim - 1], dim, beta)
         users = self.matrix[:, self.anchors] @ anchored
         solver = fold_in_solver(users.T @ users)
-        out = np.full((self.matrix.shape[1], self.dim), np.nan, np.float32)
+        out = np.full((self.matrix.shape[1], dim), np.nan, np.float32)
         out[self.anchors] = anchored
         if len(self.rest):
             out[self.rest] = fold_in(solver, self.matrix[:, self.rest].T @ users)

@@ -157,3 +157,13 @@ def merge(a: Ranked, b: Ranked, k: int) -> Ranked:
     order = np.lexsort((ids, -scores), axis=-1)[:, :k]
     return Ranked(a.query_ids, np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1),
                   modalities, np.take_along_axis(np.concatenate(contributions, axis=1), order[..., None], 1))
+
+
+def because(history: np.ndarray, weights: np.ndarray, items: np.ndarray, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Which history items a score comes from. The user vector is ``weightsᵀ history`` (history item vectors,
+    (h, D), weights as the ``users`` dataset keeps them), so the score of item row ``i`` of ``items`` (r, D)
+    splits exactly into ``weights[j] <history[j], items[i]>``. Returns the (r, n) history rows of the largest
+    contributions, largest first (ties: lower row), and those (r, n) contributions."""
+    shares = (items @ history.T) * weights[None, :]
+    order = np.argsort(-shares, axis=1, kind="stable")[:, :n]
+    return order, np.take_along_axis(shares, order, axis=1)

@@ -1,6 +1,6 @@
 """Align and fuse: fit (or reuse) the alignment, then map every item's embeddings to one fused vector.
 
-    mmfuse nightly ... [--align=contrastive|pca] [--dim=64] [--fusion=auto|attention|mean|weighted]
+    mmfuse nightly ... [--align=contrastive|pca] [--dim=64|128|256] [--fusion=auto|attention|mean|weighted]
                        [--fusion_weights=text:0.6,image:0.4] [--refit=always|weekly|never]
                        [--fit_events=1000000] [--fit_items=100000] [--fit_minutes=10]
 
@@ -53,7 +53,8 @@ CONFIG_FILE, FORMAT = "alignment.json", 2  # models.align.CONFIG_FILE, models.al
 def align_config(a: AlignSettings) -> AlignConfig:
     """The ``models.align.AlignConfig`` of the alignment options (Keras loads here, not on the command line)."""
     from mmfuse.models import align
-    return align.AlignConfig(dim=a.dim, fusion=a.fusion, fusion_weights=a.fusion_weights,
+    dim = a.dim or (None if a.collaborative else align.DEFAULT_DIM)  # None: chosen by the fit
+    return align.AlignConfig(dim=dim, fusion=a.fusion, fusion_weights=a.fusion_weights,
                              collaborative=a.collaborative, cf_beta=a.cf_beta, cf_anchors=a.cf_anchors,
                              epochs=a.epochs, max_seconds=60.0 * a.fit_minutes, seed=a.seed)
 
@@ -95,7 +96,7 @@ def artifact(job: Job, config: Config, rows: beam.PCollection, interactions: bea
     kind, fit_config = a.kind, align_config(a)
     folder = posixpath.join(job.run.staging, ARTIFACT)
     reuse = _reusable(previous_run(config), a.refit_days, job.run.run_date, kind)
-    job.report["alignment"] = {"kind": kind, "fusion": fit_config.fusion, "dim": fit_config.dim,
+    job.report["alignment"] = {"kind": kind, "fusion": fit_config.fusion, "dim": fit_config.dim or "auto",
                                "reused_from": reuse}
     if reuse:
         fitted = (job.pipeline | "PreviousAlignment" >> beam.Create([reuse])

@@ -11,6 +11,7 @@ STAGES = {
     "nightly": "the whole job: ingest, encode, align, fuse, recommend",
     "evaluate": "score a night's recommendations against held-out interactions (--run), or compare every "
                 "method on a temporal and a cold-item split (docs/evaluation.md)",
+    "explain": "one user's recommendations from a night, with modality shares and the history items behind them",
 }
 
 

@@ -76,7 +76,7 @@ class EncodeConfig:
 class AlignSettings:
     """The alignment options (``models.align.AlignConfig`` is made from them where Keras may load)."""
     kind: str  # contrastive or pca
-    dim: int
+    dim: int | None  # None: chosen by the fit
     fusion: str
     fusion_weights: dict
     collaborative: bool
@@ -181,7 +181,7 @@ def _align(options: PipelineOptions) -> AlignSettings:
         raise ContractError(f"--fusion_weights must not be negative, got {a.fusion_weights}")
     if a.cf_beta is not None and not 0.0 <= a.cf_beta < 1.0:
         raise ContractError(f"--cf_beta must be in [0, 1), got {a.cf_beta}")
-    if a.dim < 2:
+    if a.dim is not None and a.dim < 2:
         raise ContractError(f"--dim must be at least 2, got {a.dim}")
     for name in ("fit_events", "fit_items", "cf_anchors", "fit_minutes"):
         if getattr(a, name) <= 0:

@@ -80,7 +80,7 @@ def fit_alignment(known: align.Catalog, catalog: align.Catalog, split: Split,
     fitted = align.fit_and_refit(known, _arrays(split.fit), _arrays(split.val), config)
     return applied(fitted, catalog, split, {"epochs": fitted.metrics["epochs"],
                                             "val_loss": round(fitted.metrics["best_val_loss"], 4),
-                                            "chosen": {"cf_beta": fitted.config.cf_beta,
+                                            "chosen": {"dim": fitted.config.dim, "cf_beta": fitted.config.cf_beta,
                                                        "fusion": fitted.config.fusion,
                                                        "fusion_weights": fitted.config.fusion_weights,
                                                        "validation": fitted.metrics.get("chosen_on_validation")}})

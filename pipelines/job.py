@@ -76,8 +76,10 @@ class Job:
             pages=lambda metrics: {report.REPORT: report.render(metrics)})
 
 
-def execute(build: Callable[[Job, Config], None], argv: list[str] | None) -> tuple[PipelineResult, RunFolder]:
-    """Build and run a job to the end; returns the Beam result and the run folder. Raises ContractError."""
+def execute(build: Callable[[Job, Config], None], argv: list[str] | None,
+            started: Callable[[RunFolder], None] = lambda run: None) -> tuple[PipelineResult, RunFolder]:
+    """Build and run a job to the end, calling ``started`` once the run holds its lock; returns the Beam
+    result and the run folder. Raises ContractError."""
     check_known(argv)
     options = PipelineOptions(argv)
     config = Config.parse(options)
@@ -90,6 +92,7 @@ def execute(build: Callable[[Job, Config], None], argv: list[str] | None) -> tup
     run.acquire()
     try:
         run.recover()
+        started(run)
         result = pipeline.run()
         result.wait_until_finish()
     finally:
@@ -109,7 +112,8 @@ def run_job(name: str, build: Callable[[Job, Config], None], argv: list[str] | N
         print(help_text(name))
         return 0
     try:
-        _, run = execute(build, argv)
+        _, run = execute(build, argv, lambda run: print(f"mmfuse {name}: run {run.run_id} started for {run.final}",
+                                                        flush=True))
     except ContractError as e:
         print(f"mmfuse {name}: error: {e}", file=sys.stderr)
         return 2
@@ -130,12 +134,18 @@ def run_job(name: str, build: Callable[[Job, Config], None], argv: list[str] | N
     if not metrics or metrics.get("run_id") != run.run_id:  # a dry run, a template, a launcher that did not wait
         print(f"mmfuse {name}: submitted run {run.run_id} for {run.final}")
         return 0
-    print(summary(name, run.final, metrics))
+    print("\n".join(summary(name, run.final, metrics)))
     for line in metrics.get("alerts", []):
         print(f"mmfuse {name}: alert: {line}", file=sys.stderr)
     return alerts.ALERT_EXIT if metrics.get("alerts") else 0
 
 
-def summary(name: str, run_dir: str, metrics: dict) -> str:
-    stages = ", ".join(f"{s} {c['in']}->{c['out']} (+{c['dead']} dead)" for s, c in metrics["stages"].items())
-    return f"mmfuse {name}: wrote {run_dir}: {stages}; report: {run_dir}/{report.REPORT}"
+def summary(name: str, run_dir: str, metrics: dict) -> list[str]:
+    """The console's lines for a published run: one per stage (records in -> out, dead letters, seconds from
+    its first record in to its last out), then where the run and its report are."""
+    seconds = metrics.get("stage_seconds", {})
+    lines = [f"mmfuse {name}: {stage} {c['in']}->{c['out']} (+{c['dead']} dead)"
+             + (f" {seconds[stage]:.1f} s" if stage in seconds else "") for stage, c in metrics["stages"].items()]
+    dead = sum(c["dead"] for c in metrics["stages"].values())
+    return [*lines, f"mmfuse {name}: wrote {run_dir} ({len(lines)} stages, {dead} dead letters); "
+                    f"report: {run_dir}/{report.REPORT}"]

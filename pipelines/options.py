@@ -139,7 +139,9 @@ class AlignOptions(PipelineOptions):
         parser.add_argument("--align", default="contrastive", choices=("contrastive", "pca"),
                             help="contrastive: projection heads trained on the catalog and interactions; "
                                  "pca: tf.Transform z-score and PCA per modality")
-        parser.add_argument("--dim", type=int, default=64, help="Dimension of the shared space")
+        parser.add_argument("--dim", type=int, default=None,
+                            help="Dimension of the shared space (default: chosen on the fit's validation split "
+                                 "among 64, 128 and 256 with the cf modality, by cf's own figures; 64 without it)")
         parser.add_argument("--fusion", default="", choices=("", "auto", *FUSIONS),
                             help="How present modalities are weighted (default: auto for contrastive, chosen on "
                                  "the fit's validation split among attention and cf-weighted; mean for pca); "

@@ -4,7 +4,8 @@ Called by the nightly job after fusion with the fused ``items`` (dicts with ``it
 ``weights``, ``parts``) and the valid interactions; writes three datasets:
 
 - ``users``: user_id, vector (null for fallback users), n_interactions (how many built the vector),
-  fallback (True: no usable history, so the user gets the most popular recent items);
+  fallback (True: no usable history, so the user gets the most popular recent items), history (the items
+  of largest weight in the vector: item_id and weight, with vector = sum of weight x item vector);
 - ``recommendations``: user_id, rank (1 = best), item_id, score, contributions (modality -> its share of
   the score; they sum to the score). Fallback users' rows have score = the item's share of recent
   interactions and contributions ``{"popularity": score}``;
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 POPULARITY = "popularity"
 _CONTRIBUTIONS = pa.map_(pa.string(), pa.float32())
 USERS = pa.schema([("user_id", pa.string()), ("vector", pa.list_(pa.float32())),
-                   ("n_interactions", pa.int64()), ("fallback", pa.bool_())])
+                   ("n_interactions", pa.int64()), ("fallback", pa.bool_()),
+                   ("history", pa.list_(pa.struct([("item_id", pa.string()), ("weight", pa.float32())])))])
 RECOMMENDATIONS = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
                              ("score", pa.float32()), ("contributions", _CONTRIBUTIONS)])
 SIMILAR_ITEMS = pa.schema([("item_id", pa.string()), ("rank", pa.int32()), ("similar_item_id", pa.string()),
@@ -90,7 +92,8 @@ def _ranked_stage(job: Job, stage: str, ids: beam.PCollection, ranked: beam.PCol
 def _user_row(user: dict) -> dict:
     vector = user["vector"]
     return {"user_id": user["user_id"], "vector": None if vector is None else vector.tolist(),
-            "n_interactions": user["n_interactions"], "fallback": user["fallback"]}
+            "n_interactions": user["n_interactions"], "fallback": user["fallback"],
+            "history": [{"item_id": item, "weight": w} for item, w in user["history"]]}
 
 
 def _popular(user: dict, popular: list, k: int):

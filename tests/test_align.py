@@ -149,11 +149,12 @@ def test_pca_pads_a_modality_with_fewer_dimensions_than_the_shared_space():
 @pytest.mark.slow
 def test_choices_are_made_on_validation_and_saved(tmp_path):
     catalog, train, val = _data()
-    fitted = align.fit_and_refit(catalog, train, val, SMALL)
+    fitted = align.fit_and_refit(catalog, train, val, dataclasses.replace(SMALL, dim=None))
     chosen = fitted.metrics["chosen_on_validation"]
     best = lambda figures, key="ndcg@20": max(figures, key=lambda name: figures[name][key])  # noqa: E731
-    assert sorted(chosen["cf_beta"]) == sorted(str(b) for b in align.CF_BETAS)
-    assert fitted.config.cf_beta == float(best(chosen["cf_beta"]))
+    assert sorted(chosen["cf"]) == sorted(f"dim={d} cf_beta={b}" for d in align.DIMS for b in align.CF_BETAS)
+    assert best(chosen["cf"]) == f"dim={fitted.config.dim} cf_beta={fitted.config.cf_beta}"
+    assert fitted.apply(catalog.item_ids, catalog.features)["fused"].shape == (len(catalog.item_ids), fitted.config.dim)
     candidates = align._fusions(fitted.modalities)
     assert set(chosen["fusion"]) == set(candidates) and len(candidates) == 1 + 3 * 7  # 3 content modalities
     leading = {"cf": 0.7, "text": 0.24, "image": 0.03, "audio": 0.03}

@@ -118,6 +118,14 @@ def test_metrics_reconcile_and_match_beam_counters(run):
     for name, c in report["stages"].items():
         for kind in ("in", "out", "dead"):
             assert counters.get(f"stages.{name}.{kind}", 0) == c[kind], (name, kind)
+    # the summary's histograms also as Beam distributions (thousandths), for the runner's monitoring
+    distributions = {r.key.metric.name: r.committed for r in result.metrics().query(MetricsFilter())["distributions"]
+                     if r.key.metric.namespace == "mmfuse"}
+    for modality, histogram in report["summary"]["fusion_weights"].items():
+        assert distributions[f"summary.fusion_weights.{modality}.milli"].count == sum(histogram["counts"])
+    scores = distributions["summary.scores.personal.milli"]
+    assert scores.count == sum(report["summary"]["scores"]["personal"]["counts"])
+    assert -1000 <= scores.min <= scores.max <= 1000
 
 
 def test_a_bigquery_style_export_is_read_whole(tmp_path):

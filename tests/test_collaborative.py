@@ -125,7 +125,8 @@ def test_pipeline_options_set_the_caps_and_leave_choices_to_validation():
     assert (kind, config.cf_beta, config.dim, config.max_seconds, config.cf_anchors) == (
         "contrastive", 0.5, 32, 120.0, 500)
     default = settings(PipelineOptions([]))[1]
-    assert (default.cf_beta, default.fusion, default.collaborative) == (None, "auto", True)
+    assert (default.cf_beta, default.dim, default.fusion, default.collaborative) == (None, None, "auto", True)
+    assert settings(PipelineOptions(["--align=pca"]))[1].dim == align.DEFAULT_DIM
     with pytest.raises(ContractError, match="cf_beta"):
         settings(PipelineOptions(["--cf_beta=1.5"]))
     with pytest.raises(ContractError, match="fit_events"):

@@ -102,6 +102,10 @@ def test_recommend_equals_numpy_reference(tmp_path):
         newest = sorted(events, key=lambda e: (e["timestamp"], e["item_id"]))[-last_n:]
         assert users[user]["n_interactions"] == sum(e["item_id"] in items_by_id for e in newest)
         np.testing.assert_allclose(users[user]["vector"], want, atol=1e-5)
+        kept = users[user]["history"]  # every history item here (fewer than users.HISTORY)
+        assert {h["item_id"] for h in kept} == {e["item_id"] for e in newest}
+        np.testing.assert_allclose(sum(h["weight"] * items_by_id[h["item_id"]] for h in kept
+                                       if h["item_id"] in items_by_id), want, atol=1e-5)
         want_ids, want_scores = _brute_force(np.array(users[user]["vector"]), vectors, ids, seen, k)
         assert [r["item_id"] for r in recs[user]] == want_ids and [r["rank"] for r in recs[user]] == list(
             range(1, k + 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -142,8 +143,10 @@ def test_portable_runner_with_external_workers_equals_local_runner(demo, demo_ni
     proc = subprocess.run([sys.executable, "-m", "mmfuse.pipelines.nightly", *nightly_args(demo, tmp_path / "portable"),
                            *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (summary,) = proc.stdout.splitlines()  # one line, for the scheduler's log
-    assert summary.startswith(f"mmfuse nightly: wrote {tmp_path / 'portable' / RUN_DATE}: ")
+    started, *stages, summary = proc.stdout.splitlines()  # the scheduler's log: mmfuse's lines only
+    assert started.startswith("mmfuse nightly: run ") and " started for " in started
+    assert stages and all(re.fullmatch(r"mmfuse nightly: \S+ \d+->\d+ \(\+\d+ dead\)( [\d.]+ s)?", s) for s in stages)
+    assert summary.startswith(f"mmfuse nightly: wrote {tmp_path / 'portable' / RUN_DATE} ({len(stages)} stages, ")
 
     assert_same_runs(demo_night, tmp_path / "portable" / RUN_DATE)
 

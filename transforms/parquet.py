@@ -100,12 +100,19 @@ class WriteDataset(beam.PTransform):
                              shard_name_template="-SSSSS-of-NNNNN")
 
 
-def read_dataset(run_dir: str, dataset: str, columns: Sequence[str] | None = None) -> pa.Table:
-    """A dataset of a finished run as one Arrow table, or only its ``columns`` (for tests and evaluation)."""
+def read_dataset(run_dir: str, dataset: str, columns: Sequence[str] | None = None,
+                 filters: list | None = None) -> pa.Table:
+    """A dataset of a finished run as one Arrow table, or only its ``columns`` and the rows ``filters``
+    (pyarrow's filter list) keep: for tests, evaluation and explanations."""
     files = sorted(m.path for m in FileSystems.match([posixpath.join(run_dir, dataset, "*.parquet")])[0]
                    .metadata_list)
+    return read_files(files, columns, filters)
+
+
+def read_files(files: Sequence[str], columns: Sequence[str] | None = None, filters: list | None = None) -> pa.Table:
+    """Parquet ``files`` (any file system Beam knows) as one Arrow table; ``columns``, ``filters`` as above."""
     tables = []
     for file in files:
         with FileSystems.open(file) as f:
-            tables.append(pq.read_table(f, columns=columns))
+            tables.append(pq.read_table(f, columns=columns, filters=filters))
     return pa.concat_tables(tables) if tables else pa.table({})

@@ -8,10 +8,11 @@ commit step nests them into ``metrics.json`` with the counts.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.metrics import Metrics
 
 SECTION = "summary"
 HEAD_SHARE = 0.2  # the most-interacted fifth of the catalogue is its head; every other item is the long tail
@@ -40,7 +41,8 @@ class _Bins(beam.CombineFn):
 
 class Histograms(beam.PTransform):
     """``values(record)`` -> ``(key, value)`` pairs; one histogram per key, as ``(SECTION, name, key, {edges,
-    counts})``."""
+    counts})``. Each value also updates the Beam distribution ``mmfuse/summary.<name>.<key>.milli`` (Beam's
+    distributions hold integers: thousandths), which the runner's monitoring (Dataflow's) shows live."""
 
     def __init__(self, name: str, values: Callable, lo: float, hi: float, bins: int = 20):
         super().__init__()
@@ -50,8 +52,27 @@ class Histograms(beam.PTransform):
         name = self._name
         return (pcoll
                 | "Values" >> beam.FlatMap(self._values)
+                | "Distributions" >> beam.ParDo(_Distributions(name))
                 | "Bins" >> beam.CombinePerKey(_Bins(*self._bins))
                 | "Figure" >> beam.Map(lambda kv: (SECTION, name, kv[0], kv[1])))
+
+
+class _Distributions(beam.DoFn):
+    """Passes ``(key, value)`` on, recording the value in the key's Beam distribution."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self._name = name
+
+    def setup(self) -> None:
+        self._metrics: dict = {}
+
+    def process(self, kv: tuple[str, float]) -> Iterator[tuple[str, float]]:
+        metric = self._metrics.get(kv[0])
+        if metric is None:
+            metric = self._metrics[kv[0]] = Metrics.distribution("mmfuse", f"summary.{self._name}.{kv[0]}.milli")
+        metric.update(int(round(kv[1] * 1000)))
+        yield kv
 
 
 def gini(histogram: dict[int, int]) -> float:

@@ -5,6 +5,10 @@ user's last N interactions; the age is counted from the user's newest interactio
 relative weights as counting from the run date. The sum is L2-normalised: scores are inner products, so
 only its direction matters. A user with no usable history (no interaction on an item that has a vector, or
 weights that cancel out) gets no vector and is flagged for the popularity fallback.
+
+Each user also keeps ``history``: the ``HISTORY`` items of largest weight, each weight divided by the sum's
+norm, so that the user vector is exactly ``sum(weight x item vector)`` over the whole history and a score
+splits exactly by history item (``models.ranking.because``). Memory: one user's events at a time.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from typing import Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
+
+HISTORY = 50  # history items kept per user to explain scores by (the largest weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +70,9 @@ class UserVectors(beam.PTransform):
                 | "Scale" >> beam.FlatMap(_scaled)
                 | "SumPerUser" >> beam.CombinePerKey(_WeightedSum()))
         seen = histories | "Seen" >> beam.MapTuple(lambda user, events: (user, sorted({e["item_id"] for e in events})))
-        return ({"seen": seen, "sum": sums}
+        history = histories | "History" >> beam.MapTuple(lambda user, events: (user, _largest(
+            weighting.weights(events))))
+        return ({"seen": seen, "sum": sums, "history": history}
                 | "JoinSums" >> beam.CoGroupByKey()
                 | "User" >> beam.MapTuple(_user))
 
@@ -102,13 +110,22 @@ class _WeightedSum(beam.CombineFn):
         return accumulator
 
 
+def _largest(weights: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The ``HISTORY`` items of largest summed weight (ties: item id)."""
+    summed: dict[str, float] = {}
+    for item, w in weights:
+        summed[item] = summed.get(item, 0.0) + w
+    return sorted(summed.items(), key=lambda iw: (-abs(iw[1]), iw[0]))[:HISTORY]
+
+
 def _user(user: str, joined: dict) -> dict:
-    [seen] = joined["seen"]
+    [seen], [history] = joined["seen"], joined["history"]
     total, n = (joined["sum"] or [(None, 0)])[0]
     norm = float(np.linalg.norm(total)) if total is not None else 0.0
     usable = norm > 1e-12 and np.isfinite(norm)
     return {"user_id": user, "vector": (total / norm).astype(np.float32) if usable else None,
-            "n_interactions": n if usable else 0, "fallback": not usable, "seen": seen}
+            "n_interactions": n if usable else 0, "fallback": not usable, "seen": seen,
+            "history": [(item, w / norm) for item, w in history] if usable else []}
 
 
 class RecentPopular(beam.PTransform):
