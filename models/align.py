@@ -57,19 +57,25 @@ class Standardize(layers.Layer):
 class AlignmentModel(keras.Model):
     """Inputs: ``{m: (n, d_m)}`` per content modality (zeros where absent), ``mask`` (n, M) presence in
     ``modalities`` order, and with ``collaborative`` ``cf`` (n, dim) unit vectors (zeros where absent).
-    Output: ``{"aligned": (n, M, dim) unit vectors, "weights": (n, M), "fused": (n, dim), "parts": ...}``."""
+    Output: ``{"aligned": (n, M, dim) unit vectors, "weights": (n, M), "fused": (n, dim), "parts": ...}``.
+
+    With ``collaborative``, content heads write only cf's ``content_dim - 1`` leading coordinates (its largest
+    eigen-directions) and its popularity coordinate (the last): content cannot predict cf's fine directions,
+    and a head free to write them fills them with what it remembers of its training items, which new items
+    then carry as noise."""
 
     def __init__(self, dims: dict, dim: int = 64, hidden: int = 256, collaborative: bool = False,
                  fusion: str = "attention", logits: Sequence[float] | None = None, temperature: float = 0.1,
-                 **kwargs):
+                 content_dim: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.dims, self.dim, self.hidden, self.collaborative = dict(dims), dim, hidden, collaborative
+        self.content_dim = min(content_dim or dim, dim) if collaborative else dim
         self.fusion, self.temperature = fusion, temperature
         self.modalities = list(self.dims) + ([CF] if collaborative else [])
         self.logits = None if logits is None else [float(v) for v in logits]
         self.standardize = {m: Standardize(name=f"z_{m}") for m in self.dims}
         self.heads = {m: keras.Sequential(([layers.Dense(hidden, activation="gelu")] if hidden else [])
-                                          + [layers.Dense(dim)], name=f"head_{m}") for m in self.dims}
+                                          + [layers.Dense(self.content_dim)], name=f"head_{m}") for m in self.dims}
         if fusion == "attention":  # a score per (item, modality) from the aligned vector, plus a modality bias
             self.gate = keras.Sequential([layers.Dense(32, activation="tanh"), layers.Dense(1)], name="gate")
             self.gate_bias = self.add_weight(shape=(len(self.modalities),), initializer="zeros", name="gate_bias")
@@ -82,7 +88,7 @@ class AlignmentModel(keras.Model):
 
     def call(self, inputs: Mapping[str, Any]) -> dict:
         mask = ops.cast(inputs["mask"], "float32")
-        vectors = [self.heads[m](self.standardize[m](inputs[m])) for m in self.dims]
+        vectors = [self._placed(self.heads[m](self.standardize[m](inputs[m]))) for m in self.dims]
         if self.collaborative:
             vectors.append(ops.cast(inputs[CF], "float32"))
         aligned = ops.stack(vectors, axis=1)
@@ -94,6 +100,13 @@ class AlignmentModel(keras.Model):
             logits = ops.zeros_like(mask) + ops.convert_to_tensor(np.asarray(self.logits, np.float32))
         fused, weights, parts = fuse(aligned, mask, logits)
         return {"aligned": aligned, "weights": weights, "fused": fused, "parts": parts}
+
+    def _placed(self, head: Any) -> Any:
+        """A head's output in the space: its last coordinate is popularity's, the others cf's leading ones."""
+        if self.content_dim == self.dim:
+            return head
+        return ops.concatenate([ops.pad(head[:, :-1], [[0, 0], [0, self.dim - self.content_dim]]), head[:, -1:]],
+                               axis=-1)
 
     def compute_loss(self, x: Mapping[str, Any] | None = None, y: Any = None, y_pred: Mapping[str, Any] | None = None,
                      sample_weight: Any = None, training: bool = True) -> Any:
@@ -129,7 +142,7 @@ class AlignmentModel(keras.Model):
     def get_config(self) -> dict:
         return {**super().get_config(), "dims": self.dims, "dim": self.dim, "hidden": self.hidden,
                 "collaborative": self.collaborative, "fusion": self.fusion, "logits": self.logits,
-                "temperature": self.temperature}
+                "temperature": self.temperature, "content_dim": self.content_dim}
 
 
 def _info_nce(logits: Any, valid: Any) -> Any:
@@ -143,8 +156,10 @@ def _info_nce(logits: Any, valid: Any) -> Any:
 class AlignConfig:
     """Everything a fit depends on; stored with the artifact."""
 
-    dim: int | None = None  # None: chosen on validation among DIMS with the cf modality, else DEFAULT_DIM
+    dim: int | None = None  # None: chosen on validation among ``dims`` with the cf modality, else DEFAULT_DIM
+    dims: tuple = (64, 128, 256)  # the candidates (DIMS, or those affordable_dims allows)
     hidden: int = 256  # 0: linear heads
+    content_dim: int = 64  # with cf: the coordinates content heads write (AlignmentModel)
     fusion: str = "auto"  # "auto": chosen on validation among attention and cf at fixed weights (see CF_WEIGHTS)
     fusion_weights: dict = dataclasses.field(default_factory=dict)
     collaborative: bool = True  # a cf modality for items with interactions
@@ -163,8 +178,14 @@ class AlignConfig:
 
 
 CF_BETAS = (0.25, 0.5, 0.75)
-DIMS = (64, 128, 256)  # the shared space's dims chosen among (with cf's tilt, by cf's own validation figures)
+DIMS = AlignConfig.dims  # the shared space's dims chosen among (with cf's tilt, by cf's own validation figures)
 DEFAULT_DIM = 64  # without the cf modality there is nothing cheap to choose the dim by
+
+
+def affordable_dims(users: int, items: int, budget_flop: float) -> tuple[int, ...]:
+    """The DIMS whose exact top-k (recommendations and similar items: 2 x dim x (users + items) x items
+    FLOP) stays within ``budget_flop``; the smallest always."""
+    return tuple(d for d in DIMS if d == DIMS[0] or 2.0 * d * (users + items) * items <= budget_flop)
 CF_WEIGHTS = (0.5, 0.7, 0.85)  # "auto" fusion: cf's fixed weight; the content modalities share the rest
 LEAD_SHARES = (0.65, 0.8)  # "auto" fusion: a leading content modality's share of the content weight
 COLD_SHARE = 0.2  # validated items the probe never sees: the fusion choice scores them as new items
@@ -384,7 +405,8 @@ def fit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndarray],
     fusion = "attention" if config.fusion == "auto" else config.fusion
     logits = None if fusion == "attention" else fixed_logits(
         list(dims) + ([CF] if config.collaborative else []), fusion, config.fusion_weights).tolist()
-    model = AlignmentModel(dims, config.dim, config.hidden, config.collaborative, fusion, logits, config.temperature)
+    model = AlignmentModel(dims, config.dim, config.hidden, config.collaborative, fusion, logits, config.temperature,
+                           config.content_dim)
     present = catalog.present()[:, [list(catalog.features).index(m) for m in dims]]
     model.set_statistics({m: (np.nanmean(catalog.features[m][present[:, j]], 0),
                               np.nanstd(catalog.features[m][present[:, j]], 0)) for j, m in enumerate(dims)})
@@ -492,7 +514,7 @@ def fit_and_refit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndar
     if config.collaborative:
         # cf's own validation figures choose its tilt and the space's dim: closed form, so nine candidates
         # cost seconds, where each dim's contrastive fit would cost the whole fit's time
-        dims = DIMS if config.dim is None else (config.dim,)
+        dims = tuple(config.dims) if config.dim is None else (config.dim,)
         factors = collaborative.Factors(seen[0], seen[1], n_items, max(dims), config.cf_anchors)
         tables = {f"dim={d} cf_beta={b}": (d, b) for d in dims
                   for b in (CF_BETAS if config.cf_beta is None else (config.cf_beta,))}

@@ -112,7 +112,7 @@ def artifact(job: Job, config: Config, rows: beam.PCollection, interactions: bea
     else:
         fitted = ((rows, interactions)
                   | "FitContrastive" >> FitContrastive(folder, modalities, fit_config, a.fit_events, a.fit_items,
-                                                       a.seed, config.encode.accelerator))
+                                                       a.seed, config.encode.accelerator, a.dim_budget_tflop))
     run_date = job.run.run_date
     return fitted | "Stamp" >> beam.Map(_stamp, run_date), reuse
 

@@ -85,6 +85,7 @@ class AlignSettings:
     fit_events: int
     fit_items: int
     fit_minutes: float
+    dim_budget_tflop: float  # a chosen dim keeps the exact top-k within this work
     epochs: int
     seed: int
     refit_days: int | None  # 0: refit every night; None: never while an artifact can be reused
@@ -183,11 +184,12 @@ def _align(options: PipelineOptions) -> AlignSettings:
         raise ContractError(f"--cf_beta must be in [0, 1), got {a.cf_beta}")
     if a.dim is not None and a.dim < 2:
         raise ContractError(f"--dim must be at least 2, got {a.dim}")
-    for name in ("fit_events", "fit_items", "cf_anchors", "fit_minutes"):
+    for name in ("fit_events", "fit_items", "cf_anchors", "fit_minutes", "dim_budget_tflop"):
         if getattr(a, name) <= 0:
             raise ContractError(f"--{name} must be positive, got {getattr(a, name)}")
     return AlignSettings(a.align, a.dim, fusion, weights, a.collaborative == "true" and a.align == "contrastive",
-                         a.cf_beta, a.cf_anchors, a.fit_events, a.fit_items, a.fit_minutes, a.align_epochs, a.seed,
+                         a.cf_beta, a.cf_anchors, a.fit_events, a.fit_items, a.fit_minutes, a.dim_budget_tflop,
+                         a.align_epochs, a.seed,
                          o.REFIT_DAYS[a.refit])
 
 

@@ -141,7 +141,12 @@ class AlignOptions(PipelineOptions):
                                  "pca: tf.Transform z-score and PCA per modality")
         parser.add_argument("--dim", type=int, default=None,
                             help="Dimension of the shared space (default: chosen on the fit's validation split "
-                                 "among 64, 128 and 256 with the cf modality, by cf's own figures; 64 without it)")
+                                 "among 64, 128 and 256 with the cf modality, by cf's own figures, within "
+                                 "--dim_budget_tflop; 64 without cf)")
+        parser.add_argument("--dim_budget_tflop", type=float, default=100.0,
+                            help="A dim above 64 is a candidate only while the exact top-k at that dim, "
+                                 "2 x dim x (users x items + items x items) FLOP, stays within this many TFLOP: "
+                                 "the search's cost grows with the dim")
         parser.add_argument("--fusion", default="", choices=("", "auto", *FUSIONS),
                             help="How present modalities are weighted (default: auto for contrastive, chosen on "
                                  "the fit's validation split among attention and cf-weighted; mean for pca); "

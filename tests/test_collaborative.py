@@ -89,11 +89,14 @@ def test_items_beyond_the_anchors_are_folded_in_by_ridge_regression():
 @pytest.mark.slow
 def test_alignment_keeps_the_closed_form_vectors_fixed_and_saves_them(tmp_path):
     catalog, train, val = _data()
-    config = dataclasses.replace(SMALL, cf_beta=0.6)
+    config = dataclasses.replace(SMALL, cf_beta=0.6, content_dim=5)
     fitted = align.fit(catalog, train, val, config)
     expected, _ = collaborative.Factors(train[0], train[1], len(catalog.item_ids), SMALL.dim).table(0.6)
     out = fitted.apply(catalog.item_ids, catalog.features)
     j = fitted.modalities.index(align.CF)
+    # content heads write cf's 4 leading coordinates and its popularity one (the last), nothing between
+    content = np.delete(out["aligned"], j, axis=1)
+    assert not content[..., 4:SMALL.dim - 1].any() and content[..., :4].any() and content[..., -1].any()
     cf_items = np.unique(train[1])
     assert np.allclose(out["aligned"][cf_items, j], expected[cf_items], atol=1e-6)
     assert not out["mask"][np.setdiff1d(np.arange(len(catalog.item_ids)), cf_items), j].any()
@@ -127,6 +130,11 @@ def test_pipeline_options_set_the_caps_and_leave_choices_to_validation():
     default = settings(PipelineOptions([]))[1]
     assert (default.cf_beta, default.dim, default.fusion, default.collaborative) == (None, None, "auto", True)
     assert settings(PipelineOptions(["--align=pca"]))[1].dim == align.DEFAULT_DIM
+    # the dims a fit may choose keep the night's exact top-k (2 x dim x (users + items) x items) in budget
+    budget = Config.parse(PipelineOptions([])).align.dim_budget_tflop * 1e12
+    assert align.affordable_dims(20_000, 100_000, budget) == align.DIMS == (64, 128, 256)
+    assert align.affordable_dims(200_000, 1_000_000, budget) == (64,)
+    assert align.affordable_dims(100_000, 500_000, budget) == (64, 128)
     with pytest.raises(ContractError, match="cf_beta"):
         settings(PipelineOptions(["--cf_beta=1.5"]))
     with pytest.raises(ContractError, match="fit_events"):
