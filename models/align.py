@@ -276,7 +276,8 @@ class Aligner:
         meta = json.loads((folder / CONFIG_FILE).read_text())
         model = keras.saving.load_model(folder / MODEL_FILE)
         cf = collaborative.CfTable.load(folder) if model.collaborative else None
-        return cls(model, AlignConfig(**meta["config"]), meta["metrics"], cf)
+        config = meta["config"]
+        return cls(model, AlignConfig(**{**config, "dims": tuple(config.get("dims", DIMS))}), meta["metrics"], cf)
 
 
 class _Batches(keras.utils.PyDataset):

@@ -175,8 +175,8 @@ LABELS = {"popular": "most popular", "item_knn": "item-kNN (cosine, 100 neighbou
           "image": "content kNN: image (MobileNetV2)", "concat": "fused, no alignment (normalised, concatenated)",
           "pca": "PCA alignment (tf.Transform), mean fusion", "contrastive_mean": "contrastive alignment, mean fusion",
           "contrastive_attention": "contrastive alignment, attention fusion",
-          "contrastive_cf": "contrastive + collaborative modality (nightly default: cf tilt and fusion chosen "
-                            "on validation)"}
+          "contrastive_cf": "contrastive + collaborative modality (nightly default: dim, cf tilt and fusion "
+                            "chosen on validation)"}
 
 
 def markdown(results: dict) -> str:
