@@ -37,6 +37,16 @@ def _looks_like_image(data: bytes) -> bool:
     return data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
+def thumbnail(data: bytes, size: int = 48) -> bytes:
+    """A JPEG no larger than ``size`` pixels a side, for a report to show beside a title; untrusted bytes are
+    decoded as for encoding (``decode_image``), which raises ``InputError`` on bad ones."""
+    im = decode_image(data)
+    im.thumbnail((size, size))
+    out = io.BytesIO()
+    im.save(out, format="JPEG", quality=70, optimize=True)
+    return out.getvalue()
+
+
 def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
     """Decode untrusted bytes to an upright RGB image, transparency composited onto white.
 

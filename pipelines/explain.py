@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--item_id_column", default="item_id", help="The catalog's item id column")
     parser.add_argument("--title_column", default="title", help="The catalog's title column")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of text")
+    parser.add_argument("--verbose", action="store_true", help="Show the libraries' log lines")
     args = parser.parse_args(argv)
     if not is_complete(args.run):
         print(f"mmfuse explain: error: {args.run} is not a complete run (no _SUCCESS)", file=sys.stderr)

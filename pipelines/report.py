@@ -3,7 +3,8 @@ the night wrote to ``metrics.json``, so the page and the file always agree.
 
 Sections: stage counts and dead letters by reason, stage times, modality coverage and fusion weights,
 alignment training, recommendation scores, catalogue coverage and the popularity of what is recommended,
-churn against the previous night, and a few sample users with their history and recommendations by title.
+churn against the previous night, and a few sample users with their history and recommendations by title
+(with thumbnails, inline as data URIs, where the catalog names image files).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:70e
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}.fig{display:inline-block;vertical-align:top;margin:.3em}
+td img{height:2.4em;vertical-align:middle;margin-right:.4em}
 .note{color:#6b6b6b}"""
 
 
@@ -42,12 +44,19 @@ def _svg(draw: Callable[[Any], None], width: float = 5.0, height: float = 2.8) -
     return f'<div class="fig">{text}</div>'
 
 
+class _Html(str):
+    """A table cell already written as HTML."""
+
+
+def _cell(value: Any) -> str:
+    return value if isinstance(value, _Html) else html.escape(str(value))
+
+
 def _table(header: list[str], rows: list[list], left: int = 1) -> str:
     cells = "".join(f'<th class="l">{html.escape(h)}</th>' if i < left else f"<th>{html.escape(h)}</th>"
                     for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td class="l">{html.escape(str(v))}</td>' if i < left
-                                    else f"<td>{html.escape(str(v))}</td>" for i, v in enumerate(row)) + "</tr>"
-                   for row in rows)
+    body = "".join("<tr>" + "".join(f'<td class="l">{_cell(v)}</td>' if i < left else f"<td>{_cell(v)}</td>"
+                                    for i, v in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><tr>{cells}</tr>{body}</table>"
 
 
@@ -169,13 +178,18 @@ def render(metrics: dict) -> str:
 
     users = s.get("samples", {}).get("users", [])
     if users:
+        thumbnails = s["samples"].get("thumbnails", {})
+
+        def item(entry: dict) -> _Html:
+            image = thumbnails.get(entry["item_id"])
+            picture = f'<img src="{html.escape(image)}" alt=""> ' if image and image.startswith("data:image/") else ""
+            return _Html(picture + html.escape(entry["title"] or entry["item_id"]))
         parts.append("<h2>Sample users</h2>")
         for user in users:
             parts.append(f"<h3>{html.escape(user['user_id'])}</h3>")
-            parts.append(_table(["latest history"], [[h["title"] or h["item_id"]] for h in user["history"]]))
+            parts.append(_table(["latest history"], [[item(h)] for h in user["history"]]))
             parts.append(_table(["recommended", "score", "contributions"],
-                                [[r["title"] or r["item_id"], r["score"],
-                                  ", ".join(f"{m} {c:.3f}" for m, c in r["contributions"].items())]
+                                [[item(r), r["score"], ", ".join(f"{m} {c:.3f}" for m, c in r["contributions"].items())]
                                  for r in user["recommendations"]]))
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>mmfuse {html.escape(metrics.get("run_date", ""))}'
             f"</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")

@@ -11,6 +11,7 @@ from apache_beam.io.filesystems import FileSystems
 from mmfuse.pipelines.config import Config
 from mmfuse.pipelines.job import Job
 from mmfuse.transforms import summary
+from mmfuse.transforms.media import FetchMedia
 from mmfuse.transforms.parquet import ReadRows, plan
 from mmfuse.transforms.runs import has_dataset
 
@@ -61,7 +62,8 @@ def summarize(job: Job, config: Config, catalog: beam.PCollection, items: beam.P
     exposure = ({"ranked": ranked["all"], "items": items, "interactions": interactions}
                 | "Exposure" >> summary.Exposure())
     samples = ({"ranked": ranked["all"], "interactions": interactions, "catalog": catalog}
-               | "Samples" >> summary.Samples(SAMPLE_USERS, SAMPLE_HISTORY, _title(config.catalog.text)))
+               | "Samples" >> summary.Samples(SAMPLE_USERS, SAMPLE_HISTORY, _title(config.catalog.text),
+                                              FetchMedia("image", config.run.max_media_bytes, config.run.media_roots)))
     alignment = artifact | "AlignmentFigures" >> beam.FlatMap(_alignment_figures)
     figures = [coverage, weights, scores, exposure, samples, alignment]
     previous = job.report.get("previous")  # the night the encode stage built on: one decision for the run

@@ -13,11 +13,12 @@ import threading
 _prepared = False
 _console = False
 # Lines the libraries write straight to the process's stderr, below Python: absl's C++ log lines
-# (TensorFlow's oneDNN and CUDA probes, which on a CPU host report a "failed call to cuInit"), and two
-# warnings that workers print once per process or per model.
+# (TensorFlow's oneDNN and CUDA probes, which on a CPU host report a "failed call to cuInit"), warnings
+# that workers print once per process or per model, and absl's Python warnings (tf.Transform's).
 _NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\)"
                     rb"|[IWEF]\d{4} \d\d:\d\d:[\d.]+ +\d+ \S+:\d+\]"
                     rb"|WARNING:root:Resource module is not available"
+                    rb"|WARNING:absl:"  # absl resets its Python logger's level when TensorFlow imports it
                     rb"|WARNING:tensorflow:.*tf\.function retracing)")
 QUIET_LOGGERS = ("tensorflow", "absl", "apache_beam", "keras", "jax", "numba", "h5py")
 

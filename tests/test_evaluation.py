@@ -155,6 +155,27 @@ def test_content_knn():
     assert np.array_equal(aligned[[0, 2]], [[1, 0], [1, 1]]) and np.isnan(aligned[[1, 3]]).all()
 
 
+def test_non_personalised_content_baselines():
+    # Items a = (1, 0), b = (0, 2), c = (1, 1), d missing. Training: u0 a, a; u1 b. The prior's one user vector
+    # is the mean over interactions, (2/3, 2/3); scores against unit items: a, b 2/3, c 0.9428090; d never
+    # recommended.
+    vectors = np.array([[1, 0], [0, 2], [1, 1], [np.nan, np.nan]], np.float32)
+    train = _inter([(0, 0), (0, 0), (1, 1)], 2, 4)
+    prior = ev.ContentPrior(vectors).fit(train).score(np.array([1, 0]))
+    assert prior[0] == pytest.approx([2 / 3, 2 / 3, 0.9428090, -np.inf]) and np.array_equal(prior[0], prior[1])
+    # On a line, a = (1, 0), b = (2, 0), c = (3, 0): a has 1 interaction, b 3, so log(1 + count) is x log 2 on
+    # the known items a, b. Without a penalty the regression recovers it and predicts c (held out: known =
+    # False) from its content, log 8; d stays unrankable.
+    line = np.array([[1, 0], [2, 0], [3, 0], [np.nan, np.nan]], np.float32)
+    counts = _inter([(0, 0), (0, 1), (1, 1), (1, 1)], 2, 4)
+    regressor = ev.PopularityRegressor(line, known=[True, True, False, True], penalty=0.0).fit(counts)
+    assert regressor.score(np.array([0, 1]))[1] == pytest.approx([np.log(2), np.log(4), np.log(8), -np.inf], abs=1e-5)
+    # Every item known: c's 0 interactions pull the fit down (which is why the cold split hides its items).
+    assert ev.PopularityRegressor(line, known=[True] * 4, penalty=0.0).fit(counts).scores[2] < np.log(8) - 0.5
+    fit, val = _inter([(0, 0), (1, 0), (2, 1)], 3, 4), _inter([(0, 2), (1, 2)], 3, 4)
+    assert ev.PopularityRegressor.tune_penalty(vectors, np.ones(4, bool), fit, val, (0.0, 10.0)) in (0.0, 10.0)
+
+
 def test_cross_modal_recall_counts_own_target_in_top_k():
     rng = np.random.default_rng(0)
     text = rng.standard_normal((200, 8))
@@ -231,3 +252,40 @@ def test_scoring_written_lists_is_the_protocol():
     assert got["users"] == n_users
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
+
+
+@pytest.mark.slow
+def test_method_comparison_on_every_modality_with_the_nightly_column_names(demo, demo_night, tmp_path, capsys):
+    """The comparison reads the night's embeddings whatever modalities they hold and the inputs under their own
+    column names (the nightly job's options), and marks the row the nightly defaults correspond to."""
+    import json
+
+    from mmfuse.pipelines import evaluate
+    catalog, interactions = tmp_path / "catalog.parquet", tmp_path / "interactions.parquet"
+    pq.write_table(_renamed(pq.read_table(demo["catalog"]), {"item_id": "sku"}), catalog)
+    pq.write_table(_renamed(pq.read_table(demo["interactions"]), {"user_id": "customer", "item_id": "sku",
+                                                                  "timestamp": "when", "weight": "rating"}),
+                   interactions)
+    methods = "popular,text,image,audio_mfcc,features,contrastive_cf,prior,popularity_regressor"
+    args = [f"--catalog={catalog}", f"--interactions={interactions}", f"--embeddings={demo_night}",
+            f"--output={tmp_path / 'eval'}", "--item_id_column=sku", "--user_id_column=customer",
+            "--interaction_item_id_column=sku", "--timestamp_column=when", "--weight_column=rating",
+            "--align_epochs=2"]  # the fits' quality is examples/movielens_eval.py's business
+    assert evaluate.main([*args, f"--methods={methods}"]) == 0
+    results = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert list(results["warm"]) == methods.split(",")
+    assert list(results["cold"]) == methods.split(",")[1:]  # most popular cannot rank unseen items
+    for split in ("warm", "cold"):
+        for method, metrics in results[split].items():
+            assert 0.0 <= metrics["recall@20"] <= 1.0 and 0.0 <= metrics["ndcg@20"] <= 1.0, (split, method)
+    assert results["details"]["warm/prior"]["vectors"] == evaluate.DEFAULT
+    table = (tmp_path / "eval" / "evaluation.md").read_text()
+    assert "content kNN: audio_mfcc" in table and "nightly default" in table
+    assert results["sizes"]["users"] > 0 and results["sizes"]["items"] == pq.read_metadata(catalog).num_rows
+    capsys.readouterr()
+    assert evaluate.main([*args, "--methods=popular,musicnn"]) == 2
+    assert "unknown methods ['musicnn']" in capsys.readouterr().err
+
+
+def _renamed(table: pa.Table, names: dict) -> pa.Table:
+    return table.rename_columns([names.get(n, n) for n in table.column_names])

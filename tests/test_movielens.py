@@ -67,4 +67,4 @@ def test_movielens_nights(movielens_night, tmp_path):
 
 
 def test_evaluate_scores_a_movielens_night_as_an_independent_scorer_does(movielens_night, tmp_path):
-    score_night_against_a_seeded_holdout(movielens_night["first"], tmp_path)
+    score_night_against_a_seeded_holdout(movielens_night["first"], tmp_path, movielens_night["paths"]["interactions"])

@@ -1,7 +1,9 @@
 """A night's summary figures, report and alerts, end to end on the demo night."""
 from __future__ import annotations
 
+import base64
 import collections
+import io
 import json
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from mmfuse.pipelines import alerts, report
 from mmfuse.transforms import summary
@@ -18,7 +21,7 @@ from tests.conftest import ROOT, RUN_DATE, dataset, metrics
 pytestmark = pytest.mark.slow  # reads a nightly run
 
 
-def test_report_draws_the_nights_own_figures(demo_night):
+def test_report_draws_the_nights_own_figures(demo, demo_night):
     figures = metrics(demo_night)
     page = (demo_night / report.REPORT).read_text()
     assert page == report.render(figures)  # the page is drawn from metrics.json and nothing else
@@ -49,6 +52,16 @@ def test_report_draws_the_nights_own_figures(demo_night):
     assert [r["item_id"] for r in sorted(mine, key=lambda r: r["rank"])] == \
         [r["item_id"] for r in sample["recommendations"]]
     assert all(r["title"] for r in sample["recommendations"])
+    # Thumbnails of the sample items whose catalog row names an image file, small JPEGs inline in the page.
+    catalog = pq.read_table(demo["catalog"], columns=["item_id", "image_uri"]).to_pylist()
+    with_file = {r["item_id"] for r in catalog if r["image_uri"]}
+    named = {e["item_id"] for u in s["samples"]["users"] for e in u["history"] + u["recommendations"]}
+    thumbnails = s["samples"]["thumbnails"]
+    assert thumbnails and set(thumbnails) <= named & with_file
+    for uri in thumbnails.values():
+        image = Image.open(io.BytesIO(base64.b64decode(uri.removeprefix("data:image/jpeg;base64,"))))
+        assert image.format == "JPEG" and max(image.size) <= 48
+        assert f'<img src="{uri}"' in page
 
 
 def test_a_breached_threshold_is_reported_and_exits_4_with_the_night_complete(tmp_path):
@@ -64,9 +77,10 @@ def test_a_breached_threshold_is_reported_and_exits_4_with_the_night_complete(tm
     assert summary.SECTION not in metrics(out / RUN_DATE)  # ingest alone has no recommendations to summarise
 
 
-def score_night_against_a_seeded_holdout(night, tmp_path, seed: int = 0) -> None:
+def score_night_against_a_seeded_holdout(night, tmp_path, interactions, seed: int = 0) -> None:
     """``evaluate --run`` against a seeded holdout (catalogue items, plus an unknown item and user) equals
-    a scorer written here from the Parquet files alone."""
+    a scorer written here from the Parquet files alone, overall and per item-popularity segment of the
+    night's ``interactions``."""
     from mmfuse.pipelines import evaluate
     items = dataset(night, "items")["item_id"].to_pylist()
     users = dataset(night, "users")["user_id"].to_pylist()
@@ -75,7 +89,8 @@ def score_night_against_a_seeded_holdout(night, tmp_path, seed: int = 0) -> None
     pairs += [(users[0], "no-such-item"), ("no-such-user", items[0])]
     holdout = tmp_path / "holdout.parquet"
     pq.write_table(pa.table({"user_id": [u for u, _ in pairs], "item_id": [i for _, i in pairs]}), holdout)
-    assert evaluate.main([f"--run={night}", f"--holdout={holdout}", f"--output={tmp_path / 'eval'}"]) == 0
+    assert evaluate.main([f"--run={night}", f"--holdout={holdout}", f"--output={tmp_path / 'eval'}",
+                          f"--interactions={interactions}"]) == 0
     got = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
 
     recs = dataset(night, "recommendations").to_pylist()
@@ -86,12 +101,27 @@ def score_night_against_a_seeded_holdout(night, tmp_path, seed: int = 0) -> None
     for u, i in pairs:
         if i in set(items) and u in set(users):
             held[u].add(i)
-    recall = np.mean([len(set(top[u][:20]) & h) / len(h) for u, h in held.items()])
+    def recall(segment) -> float:
+        return np.mean([len(set(top[u][:20]) & h & segment) / len(h & segment)
+                        for u, h in held.items() if h & segment])
+
     assert got["overall"]["users"] == len(held)
-    assert got["overall"]["recall@20"] == pytest.approx(recall, abs=1e-6)
+    assert got["overall"]["recall@20"] == pytest.approx(recall(set(items)), abs=1e-6)
+    # The head: the items of largest count, as many as fit in a fifth of the catalogue with ties kept together.
+    counts = collections.Counter(str(i) for i in pq.read_table(interactions)["item_id"].to_pylist())
+    counts = {i: counts[i] for i in items}
+    head_min = min((c for c in counts.values() if c and sum(d >= c for d in counts.values()) <= len(items) / 5),
+                   default=max(counts.values()) + 1)
+    segments = {"head": {i for i, c in counts.items() if c >= head_min},
+                "tail": {i for i, c in counts.items() if 0 < c < head_min},
+                "unseen": {i for i, c in counts.items() if c == 0}}
+    for name, segment in segments.items():
+        assert got["popularity_items"][name] == len(segment)
+        if any(h & segment for h in held.values()):
+            assert got["by_popularity"][name]["recall@20"] == pytest.approx(recall(segment), abs=1e-6), name
     assert sum(m["users"] for m in got["by_activity"].values()) == len(held)
     assert set(got["exposure"]) >= {"catalogue_coverage", "gini", "long_tail_share"}
 
 
-def test_evaluate_scores_the_nights_own_recommendations(demo_night, tmp_path):
-    score_night_against_a_seeded_holdout(demo_night, tmp_path)
+def test_evaluate_scores_the_nights_own_recommendations(demo, demo_night, tmp_path):
+    score_night_against_a_seeded_holdout(demo_night, tmp_path, demo["interactions"])

@@ -78,13 +78,15 @@ def test_report_shows_the_metrics_figures_and_alerts_name_each_breach():
                            "samples": {"users": [{
                                "user_id": "u1", "history": [{"item_id": "a", "title": "Heat"}],
                                "recommendations": [{"item_id": "b", "title": "Ronin & co", "score": 0.9,
-                                                    "contributions": {"text": 0.9}}]}]}}}
+                                                    "contributions": {"text": 0.9}}]}],
+                                       "thumbnails": {"b": "data:image/jpeg;base64,/9j/AA=="}}}}
     page = report.render(metrics)
     for text in ("Alerts", "Stages", "Dead letters by reason", "Modalities and fusion", "Alignment training",
                  "Recommendations", "Sample users", "0.3125", "0.1667", "0.7321", "0.4321", "duplicate_item_id",
                  "Heat", "Ronin &amp; co"):
         assert text in page, text
-    assert page.count("<svg") == 8 and not any(ref in page for ref in ('src="', 'href="http', "url(http"))  # offline
+    assert page.count("<svg") == 8 and not any(ref in page for ref in ('href="http', "url(http"))  # offline
+    assert page.count('src="') == page.count('<img src="data:image/jpeg;base64,/9j/AA=="') == 1
     assert report.render(metrics) == page  # the same figures draw the same page
     assert alerts.breaches(metrics, alerts.AlertConfig()) == []
     lines = alerts.breaches(metrics, alerts.AlertConfig(churn_above=0.4, coverage_below=0.5, dead_fraction_above=0.1))

@@ -7,6 +7,7 @@ commit step nests them into ``metrics.json`` with the counts.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 from typing import Callable, Iterable, Iterator
 
@@ -192,7 +193,7 @@ def _key(user_id: str) -> str:
     return hashlib.sha256(user_id.encode()).hexdigest()
 
 
-def _sample(_: None, users: list, ranked: list, history: dict, titles: dict) -> Iterable[tuple]:
+def _sample(_: None, users: list, ranked: list, history: dict, titles: dict, thumbnails: dict) -> Iterable[tuple]:
     out = []
     for user in sorted(users, key=_key):
         r = next((r for q, r in ranked if q == user), None)
@@ -206,15 +207,31 @@ def _sample(_: None, users: list, ranked: list, history: dict, titles: dict) -> 
                          "contributions": {m: round(float(c), 6) for m, c in zip(r.modalities, cs) if c == c}}
                         for i, s, cs in zip(r.item_ids, r.scores, r.contributions)]})
     yield SECTION, "samples", "users", out
+    yield SECTION, "samples", "thumbnails", dict(sorted(thumbnails.items()))
+
+
+def _thumbnail(element: tuple[str, dict]) -> Iterator[tuple[str, str]]:
+    """``(item_id, data: URI of a small JPEG)``; an image that does not decode gets none (the encode stage
+    dead-letters it)."""
+    from mmfuse.models.base import InputError
+    from mmfuse.models.image import thumbnail
+    item_id, item = element
+    try:
+        yield item_id, "data:image/jpeg;base64," + base64.b64encode(thumbnail(item["image"])).decode()
+    except InputError:
+        pass
 
 
 class Samples(beam.PTransform):
     """A few users (the same ones night after night: the smallest hashes of their ids) with their latest
-    history items and their recommendations, by title. Holds only those users' rows."""
+    history items and their recommendations, by title, and thumbnails of those items' images where the
+    catalog names image files (``fetch_images``: a ``media.FetchMedia`` for them; inline image bytes are not
+    carried this far). Holds only those users' rows and items."""
 
-    def __init__(self, n: int, history: int, title: Callable[[tuple], str]):
+    def __init__(self, n: int, history: int, title: Callable[[tuple], str],
+                 fetch_images: beam.PTransform | None = None):
         super().__init__()
-        self._n, self._history, self._title = n, history, title
+        self._n, self._history, self._title, self._fetch = n, history, title, fetch_images
 
     def expand(self, inputs: dict) -> beam.PCollection:
         ranked, title = inputs["ranked"], self._title
@@ -234,12 +251,20 @@ class Samples(beam.PTransform):
                    "h": history | "HistItems" >> beam.FlatMap(lambda kv: [i for _, i in kv[1]])}.values()
                   | "AllItems" >> beam.Flatten()
                   | "Unique" >> beam.Distinct())
-        titles = ({"title": inputs["catalog"] | "Title" >> beam.Map(lambda kv: (kv[0], title(kv))),
-                   "wanted": wanted | "Wanted" >> beam.Map(lambda i: (i, None))}
-                  | "TitleOfWanted" >> beam.CoGroupByKey()
-                  | "TheirTitles" >> beam.FlatMap(
-                      lambda kv: [(kv[0], next(iter(kv[1]["title"]), ""))] if kv[1]["wanted"] else []))
+        rows = ({"row": inputs["catalog"] | "TitleAndImage" >> beam.Map(
+                    lambda kv: (kv[0], (title(kv), kv[1].get("image_uri")))),
+                 "wanted": wanted | "Wanted" >> beam.Map(lambda i: (i, None))}
+                | "RowsOfWanted" >> beam.CoGroupByKey()
+                | "TheirRows" >> beam.FlatMap(
+                    lambda kv: [(kv[0], next(iter(kv[1]["row"]), ("", None)))] if kv[1]["wanted"] else []))
+        titles = rows | "TheirTitles" >> beam.MapTuple(lambda item, row: (item, row[0]))
+        thumbnails = ranked.pipeline | "NoImages" >> beam.Create([])
+        if self._fetch is not None:
+            files = rows | "TheirImages" >> beam.FlatMap(
+                lambda kv: [(kv[0], {"image": None, "image_uri": kv[1][1], "source": kv[0]})] if kv[1][1] else [])
+            # A file that cannot be read was dead-lettered by the encode stage already: none is shown here.
+            thumbnails = (files | "FetchImages" >> self._fetch).ok | "Thumbnails" >> beam.FlatMap(_thumbnail)
         return (ranked.pipeline
                 | "Once" >> beam.Create([None])
                 | "Assemble" >> beam.FlatMap(_sample, chosen, beam.pvalue.AsList(picked), beam.pvalue.AsDict(history),
-                                             beam.pvalue.AsDict(titles)))
+                                             beam.pvalue.AsDict(titles), beam.pvalue.AsDict(thumbnails)))
