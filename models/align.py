@@ -116,14 +116,19 @@ class AlignmentModel(keras.Model):
         contrast = ops.cast(x["contrast"], "float32")
         n = ops.shape(contrast)[0]  # only these rows enter the (n x n) contrastive logits: they dominate a step
         present = ops.cast(x["mask"], "float32")  # (items, M); padding rows have no modality
-        aligned, mask = y_pred["aligned"][:n], present[:n]
-        total, pairs = 0.0, 0
-        for a in range(len(self.modalities)):
-            for b in range(a + 1, len(self.modalities)):
-                valid = mask[:, a] * mask[:, b] * contrast
-                logits = ops.matmul(aligned[:, a], ops.transpose(aligned[:, b])) / self.temperature
-                total = total + _info_nce(logits, valid) + _info_nce(ops.transpose(logits), valid)
-                pairs += 2
+        # Every pair of modalities at once, (P, n, n) logits in one batched product: a loop over pairs makes
+        # a graph P times as large, and tracing it costs each fit seconds.
+        pairs = np.array([(a, b) for a in range(len(self.modalities))
+                          for b in range(a + 1, len(self.modalities))], np.int32).reshape(-1, 2)
+        contrastive = 0.0
+        if len(pairs):
+            aligned = ops.transpose(y_pred["aligned"][:n], (1, 0, 2))  # (M, n, d)
+            mask = ops.transpose(present[:n]) * contrast[None, :]      # (M, n)
+            left, right = ops.take(aligned, pairs[:, 0], axis=0), ops.take(aligned, pairs[:, 1], axis=0)
+            valid = ops.take(mask, pairs[:, 0], axis=0) * ops.take(mask, pairs[:, 1], axis=0)
+            logits = ops.matmul(left, ops.transpose(right, (0, 2, 1))) / self.temperature
+            both = _info_nce(logits, valid) + _info_nce(ops.transpose(logits, (0, 2, 1)), valid)
+            contrastive = ops.sum(both) / (2 * len(pairs))
         fused = y_pred["fused"]
         history = x["history"]
         taken = ops.cast(history >= 0, "float32")
@@ -137,7 +142,7 @@ class AlignmentModel(keras.Model):
         logits = ops.where(ops.sum(present, axis=-1)[None, :] > 0, logits, -1e9)
         per_user = ops.logsumexp(logits, axis=-1) - ops.take_along_axis(logits, targets[:, None], 1)[:, 0]
         interaction = ops.sum(per_user) / ops.maximum(ops.cast(ops.shape(targets)[0], "float32"), 1.0)
-        return (total / max(pairs, 1) if pairs else 0.0) + interaction
+        return contrastive + interaction
 
     def get_config(self) -> dict:
         return {**super().get_config(), "dims": self.dims, "dim": self.dim, "hidden": self.hidden,
@@ -146,10 +151,11 @@ class AlignmentModel(keras.Model):
 
 
 def _info_nce(logits: Any, valid: Any) -> Any:
-    """Mean over valid rows of cross-entropy with the diagonal as the label; invalid columns are excluded."""
-    logits = ops.where(valid[None, :] > 0, logits, -1e9)
-    per_row = ops.logsumexp(logits, axis=-1) - ops.diagonal(logits)
-    return ops.sum(per_row * valid) / ops.maximum(ops.sum(valid), 1.0)
+    """Per pair (leading axis), the mean over valid rows of cross-entropy with the diagonal as the label;
+    invalid columns are excluded. ``logits`` (P, n, n), ``valid`` (P, n)."""
+    logits = ops.where(valid[:, None, :] > 0, logits, -1e9)
+    per_row = ops.logsumexp(logits, axis=-1) - ops.diagonal(logits, axis1=-2, axis2=-1)
+    return ops.sum(per_row * valid, axis=-1) / ops.maximum(ops.sum(valid, axis=-1), 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +301,10 @@ class _Batches(keras.utils.PyDataset):
         self.inputs = aligner.inputs(catalog.item_ids, catalog.features)
         self.histories, self.targets = examples
         self.epoch = 0
+        # A step's rows: its items, at least the contrastive ones, at most the catalogue (a small catalogue's
+        # steps would otherwise be mostly padding).
+        self.items = len(self.inputs["mask"])
+        self.rows = min(config.users_per_batch, self.items)
 
     def __len__(self):
         # Without any (history, next item) example (e.g. every user has one interaction) the steps walk the
@@ -318,9 +328,9 @@ class _Batches(keras.utils.PyDataset):
         unique_targets, target_slot = np.unique(targets, return_inverse=True)
         extra = np.setdiff1d(np.unique(histories[histories >= 0]), unique_targets)
         items = np.concatenate([unique_targets, extra])
-        # Pad to a multiple of PAD_ITEMS, and to at least the contrastive rows (absent rows, outside the
-        # contrast set): few shapes, few retraces.
-        size = max(c.users_per_batch, len(items) + (-len(items) % PAD_ITEMS))
+        # Pad to a multiple of PAD_ITEMS or to the catalogue's size, and to at least the contrastive rows
+        # (absent rows, outside the contrast set): few shapes, few retraces.
+        size = max(self.rows, min(len(items) + (-len(items) % PAD_ITEMS), self.items))
         items = np.concatenate([items, np.full(size - len(items), items[0])])
         slot = np.full(len(self.inputs["mask"]), -1, np.int64)
         slot[items[::-1]] = np.arange(len(items))[::-1]  # an item's first row (padding repeats items[0])
@@ -332,7 +342,7 @@ class _Batches(keras.utils.PyDataset):
         if not len(self.targets):
             target_slot = np.zeros(0, np.int64)
         batch.update(history=history.astype(np.int32), target=target_slot.astype(np.int32),
-                     contrast=(np.arange(c.users_per_batch) < len(unique_targets)).astype(np.float32))
+                     contrast=(np.arange(self.rows) < len(unique_targets)).astype(np.float32))
         return batch
 
 

@@ -390,8 +390,12 @@ class PopularityRegressor:
         y = np.log1p(np.bincount(train.item, minlength=train.n_items)[self.known])
         mean_x, mean_y = x.mean(0), y.mean()
         x = x - mean_x
-        ridge = np.sqrt(self.penalty * (x ** 2).sum() / x.shape[1]) * np.eye(x.shape[1])
-        w = np.linalg.lstsq(np.vstack([x, ridge]), np.r_[y - mean_y, np.zeros(x.shape[1])], rcond=None)[0]
+        # Ridge through the thin SVD: (items x min(items, dims)) work where the stacked least-squares system
+        # is (items + dims) x dims; singular values below lstsq's cut-off are dropped (the smallest solution).
+        u, sv, vt = np.linalg.svd(x, full_matrices=False)
+        keep = sv > sv.max(initial=0.0) * max(x.shape) * np.finfo(x.dtype).eps
+        shrink = np.where(keep, sv / np.maximum(sv ** 2 + self.penalty * (x ** 2).sum() / x.shape[1], 1e-300), 0.0)
+        w = vt.T @ (shrink * (u.T @ (y - mean_y)))
         self.scores = np.where(self.present, (self.vectors - mean_x) @ w + mean_y, -np.inf).astype(np.float32)
         return self
 

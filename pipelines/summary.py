@@ -61,9 +61,12 @@ def summarize(job: Job, config: Config, catalog: beam.PCollection, items: beam.P
         "scores", lambda qr: [("personal", float(s)) for s in qr[1].scores], -1.0, 1.0, 40)
     exposure = ({"ranked": ranked["all"], "items": items, "interactions": interactions}
                 | "Exposure" >> summary.Exposure())
+    # Thumbnails only where the night encodes images: the encode stage has then read (and counted) the
+    # same files, and a night told to leave images out does not read them for its report.
+    images = (FetchMedia("image", config.run.max_media_bytes, config.run.media_roots)
+              if not config.encode.modalities or "image" in config.encode.modalities else None)
     samples = ({"ranked": ranked["all"], "interactions": interactions, "catalog": catalog}
-               | "Samples" >> summary.Samples(SAMPLE_USERS, SAMPLE_HISTORY, _title(config.catalog.text),
-                                              FetchMedia("image", config.run.max_media_bytes, config.run.media_roots)))
+               | "Samples" >> summary.Samples(SAMPLE_USERS, SAMPLE_HISTORY, _title(config.catalog.text), images))
     alignment = artifact | "AlignmentFigures" >> beam.FlatMap(_alignment_figures)
     figures = [coverage, weights, scores, exposure, samples, alignment]
     previous = job.report.get("previous")  # the night the encode stage built on: one decision for the run

@@ -14,11 +14,10 @@ _prepared = False
 _console = False
 # Lines the libraries write straight to the process's stderr, below Python: absl's C++ log lines
 # (TensorFlow's oneDNN and CUDA probes, which on a CPU host report a "failed call to cuInit"), warnings
-# that workers print once per process or per model, and absl's Python warnings (tf.Transform's).
+# that workers print once per process or per model.
 _NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\)"
                     rb"|[IWEF]\d{4} \d\d:\d\d:[\d.]+ +\d+ \S+:\d+\]"
                     rb"|WARNING:root:Resource module is not available"
-                    rb"|WARNING:absl:"  # absl resets its Python logger's level when TensorFlow imports it
                     rb"|WARNING:tensorflow:.*tf\.function retracing)")
 QUIET_LOGGERS = ("tensorflow", "absl", "apache_beam", "keras", "jax", "numba", "h5py")
 
@@ -38,6 +37,10 @@ def prepare() -> None:
         _prepared = True
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def quiet_console(verbose: bool = False) -> None:
     """For a command line: only mmfuse's own lines on the console. The libraries' Python loggers show
     errors only, and a thread filters the process's native stderr (which its child processes share)
@@ -47,8 +50,9 @@ def quiet_console(verbose: bool = False) -> None:
     if verbose or _console:
         return
     _console = True
-    for name in QUIET_LOGGERS:
+    for name in QUIET_LOGGERS:  # a filter as well as the level: absl sets its logger's level again later
         logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).addFilter(_errors_only)
     logging.getLogger().setLevel(logging.ERROR)
     sys.stderr.flush()
     real = os.dup(2)

@@ -63,6 +63,7 @@ def test_second_night_reencodes_only_what_changed(nights):
     first, second = nights["first"], nights["second"]
     report = metrics(second)
     assert report["previous"] == str(first)
+    assert report["summary"]["samples"]["thumbnails"] == {}  # images are not encoded: their files are not read
     assert report["modalities"]["text"] == {"encoded": len(nights["changed"] | nights["added"]),
                                            "reused": 120 - len(nights["deleted"] | nights["changed"]), "dead": 0}
     before = {r["item_id"]: r for r in dataset(first, "embeddings").to_pylist()}
