@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--movielens", help="holds ml-latest-small/ and posters/ (default: $MMFUSE_DATA/movielens)")
     parser.add_argument("--work", default="demo/movielens-eval", help="where the converted data and runs go")
-    parser.add_argument("--methods", default="", help="as mmfuse evaluate's (default: all)")
+    parser.add_argument("--methods", default="all", help="as mmfuse evaluate's")
     parser.add_argument("--doc", default="docs/evaluation.md", help="whose movielens-results section is rewritten")
     args = parser.parse_args(argv)
     work = Path(args.work)

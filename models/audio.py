@@ -14,7 +14,7 @@ import librosa
 import numpy as np
 import soundfile as sf
 
-from mmfuse.models.base import Encoder, InputError, describe_bytes
+from mmfuse.models.base import Encoder, InputError, describe_bytes, settle
 from mmfuse.models.weights import digest, package_file
 
 if TYPE_CHECKING:
@@ -186,6 +186,7 @@ class MusicnnAudioEncoder(Encoder):
         """Built on first use, so an encoder made only to compute spectrograms costs no network."""
         model = _musicnn_penultimate()
         _load_tf1_checkpoint(model, self._folder)
+        settle(model, *(np.zeros((n, PATCH_FRAMES, N_MELS), np.float32) for n in (1, 2)))
         return model
 
     @property

@@ -44,6 +44,18 @@ def describe_bytes(data: bytes) -> str:
     return "binary data of no known format"
 
 
+def settle(model: Any, *examples: Any) -> None:
+    """Runs ``model.predict_on_batch`` on ``examples``, inputs that differ in every dimension a batch can
+    vary in, so that every later batch runs the one graph traced for any shape, whatever ran before it.
+
+    Keras on TensorFlow traces predict's graph for the first batch's exact shapes, then a shape-relaxed one
+    once a dimension changes; the two give floats up to 1.5e-7 apart, so without this a batch's vectors
+    depended on which batch its worker happened to run first (on JAX each shape compiles alone: harmless).
+    """
+    for example in examples:
+        model.predict_on_batch(example)
+
+
 class Encoder(abc.ABC):
     """One modality's model. Subclasses load their weights once, in ``__init__``."""
 

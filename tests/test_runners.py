@@ -203,7 +203,7 @@ def test_dataflow_job_puts_gpus_on_the_model_steps_only(demo, tmp_path):
     assert all("/Encode/Infer/" in name or name.startswith("FitContrastive") for name in on_gpu), on_gpu
     cpu_only = [t.unique_name for t in pipeline.components.transforms.values()
                 if not t.subtransforms and t.environment_id and t.unique_name not in on_gpu]
-    assert any(n.startswith("Encode text/Encode/Preprocess") for n in cpu_only)  # decoding stays on CPU workers
+    assert any(n.startswith("Encode text/Encode/Batch") for n in cpu_only)  # decoding stays on CPU workers
     assert any(n.startswith("Write embeddings") for n in cpu_only)
 
     staged = set()

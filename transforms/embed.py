@@ -114,7 +114,7 @@ class EncodeModality(beam.PTransform):
                  | "JoinPrevious" >> beam.CoGroupByKey()
                  | "ReuseOrEncode" >> beam.FlatMap(reuse_or_encode).with_outputs(REUSED, main="todo"))
         vectors, dead = split.todo | "Encode" >> Encode(
-            self._make, f"encode:{modality}", self._batch_size, self._hints, encoder.length_bucket)
+            self._make, f"encode:{modality}", self._batch_size, self._hints)
         encoded = vectors | "Branch" >> beam.Map(
             lambda kv: (kv[0][0], (modality, np.asarray(kv[1], np.float32).tolist(), kv[0][1])))
         return {"in": present, "encoded": encoded, REUSED: split[REUSED], DEAD: dead}

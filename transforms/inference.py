@@ -1,11 +1,13 @@
 """RunInference handlers: one for the encoders (over the shared ``models.base.Encoder`` contract), one for
 the fitted alignment.
 
-Beam's RunInference loads the model once per worker process (through ``Shared``) and batches elements;
-decoding happens before batching, in :class:`Preprocess`, so one bad file never fails a batch.
+Beam's RunInference loads the model once per worker process (through ``Shared``); the encoders' batches
+are made before it, in :class:`Batch`, which also decodes, so one bad file never fails a batch.
 """
 from __future__ import annotations
 
+import itertools
+import zlib
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import apache_beam as beam
@@ -18,6 +20,9 @@ from mmfuse.transforms import media
 from mmfuse.transforms.artifacts import fetched
 from mmfuse.transforms.deadletter import DEAD, dead_letter
 
+# Inputs per shard, in batches: enough for length buckets to fill batches, few enough to hold in memory.
+GROUP_BATCHES = 16
+
 if TYPE_CHECKING:
     from mmfuse.models.align import Aligner
     from mmfuse.models.pca import PcaAligner
@@ -26,10 +31,9 @@ if TYPE_CHECKING:
 class EncoderHandler(ModelHandler[tuple[Any, Any], tuple[Any, np.ndarray], Encoder]):
     """Keyed preprocessed inputs ``(key, x)`` -> ``(key, vector)``."""
 
-    def __init__(self, make: Callable[[], Encoder], batch_size: int):
-        # Fixed batches, not Beam's adaptive sizing (which follows timings): a model's float results depend
-        # on the batch it runs in, so batches that follow timings give a rerun different vectors.
-        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+    def __init__(self, make: Callable[[], Encoder]):
+        # Run with ``with_no_batching``: :class:`Batch` makes the batches, from the inputs alone.
+        super().__init__()
         self._make = make
 
     def load_model(self) -> Encoder:
@@ -54,7 +58,8 @@ class AlignHandler(ModelHandler[dict, dict, Any]):
     folder arrives as RunInference's model metadata side input."""
 
     def __init__(self, batch_size: int = 512):
-        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)  # fixed, as EncoderHandler
+        # Fixed sizes, not Beam's adaptive ones (which follow timings): a model's floats depend on its batch.
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self._folder = None
 
     def update_model_path(self, model_path: str | None = None) -> None:
@@ -82,30 +87,58 @@ class AlignHandler(ModelHandler[dict, dict, Any]):
         return "mmfuse"
 
 
-class Preprocess(beam.DoFn):
-    """``((item_id, hash), (raw, source))`` -> ``((item_id, hash), model input)``; bad input is dead-lettered.
+class Batch(beam.DoFn):
+    """One shard's ``((item_id, hash), (raw, source))`` -> batches of ``((item_id, hash), model input)``,
+    plus dead letters for inputs the encoder cannot read.
+
+    A model's floats depend on the batch an input runs in (packed tokens and padding change the shapes its
+    kernels see), so batches are a function of the inputs alone: the shard's elements in item order, cut
+    into ``batch_size`` pieces; inputs of encoders with a ``length_bucket`` are first ordered by length
+    bucket, so a batch holds inputs of similar length and little padding. Holds one shard's raw inputs
+    (and, for length-bucketed encoders, their preprocessed token ids), about ``GROUP_BATCHES`` batches;
+    decoded media one batch at a time.
 
     The encoder made here is used only for ``preprocess``: encoders build their network lazily, on the
     first ``encode_batch``, so this costs a tokenizer or nothing.
     """
 
-    def __init__(self, make: Callable[[], Encoder], stage: str):
-        self._make, self._stage = make, stage
+    def __init__(self, make: Callable[[], Encoder], stage: str, batch_size: int):
+        self._make, self._stage, self._batch_size = make, stage, batch_size
         self._encoder = None
 
     def setup(self) -> None:
         process.prepare()
         self._encoder = self._make()
 
-    def process(self, element: tuple[tuple[str, str], tuple[Any, str]]
-                ) -> Iterator[tuple[tuple[str, str], Any] | beam.pvalue.TaggedOutput]:
-        key, (raw, source) = element
-        item_id = key[0]
-        try:
-            yield key, self._preprocess(raw)
-        except InputError as e:
-            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(self._stage, item_id, e.reason, str(e), source))
+    def process(self, shard: tuple[int, Iterable[tuple[tuple[str, str], tuple[Any, str]]]]
+                ) -> Iterator[list[tuple[tuple[str, str], Any]] | beam.pvalue.TaggedOutput]:
+        elements = sorted(shard[1], key=lambda element: element[0])
+        width, size = self._encoder.length_bucket, self._batch_size
+        if not width:
+            for start in range(0, len(elements), size):
+                yield from self._preprocessed(elements[start:start + size])
+            return
+        ready = []
+        for out in self._preprocessed(elements):
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield out
+            else:
+                ready.extend(out)
+        ready.sort(key=lambda kv: (len(kv[1]) // width, kv[0]))
+        for _, same in itertools.groupby(ready, key=lambda kv: len(kv[1]) // width):
+            same = list(same)
+            for start in range(0, len(same), size):
+                yield same[start:start + size]
 
+    def _preprocessed(self, elements: list) -> Iterator[list | beam.pvalue.TaggedOutput]:
+        batch = []
+        for key, (raw, source) in elements:
+            try:
+                batch.append((key, self._preprocess(raw)))
+            except InputError as e:
+                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(self._stage, key[0], e.reason, str(e), source))
+        if batch:
+            yield batch
 
     def _preprocess(self, raw: Any) -> Any:
         if not isinstance(raw, media.MediaFile):
@@ -117,31 +150,35 @@ class Preprocess(beam.DoFn):
             raise InputError("unreadable_media", f"{raw.name}: {e.strerror or type(e).__name__}") from e
 
 
+def shard_of(item_id: str, shards: int) -> int:
+    """A stable shard (Python's ``hash`` of a str differs between processes)."""
+    return zlib.crc32(item_id.encode()) % shards
+
+
 class Encode(beam.PTransform):
     """``((item_id, hash), (raw, source))`` -> ``((item_id, hash), vector)``, plus dead letters.
 
-    ``resource_hints`` (e.g. an accelerator) go on the inference step only, so a runner can put just
-    that step on GPU workers. Inputs of encoders with a ``length_bucket`` are grouped by length first, so
-    that batches hold inputs of similar length and little padding.
+    Inputs are grouped into shards of about ``GROUP_BATCHES`` batches by a stable hash of the item id (the
+    shard count follows the number of inputs), then :class:`Batch` cuts each shard into batches that
+    depend on the inputs alone, and RunInference runs them as they are. ``resource_hints`` (e.g. an
+    accelerator) go on the inference step only, so a runner can put just that step on GPU workers.
     """
 
-    def __init__(self, make: Callable[[], Encoder], stage: str, batch_size: int, resource_hints: dict,
-                 length_bucket: int = 0):
+    def __init__(self, make: Callable[[], Encoder], stage: str, batch_size: int, resource_hints: dict):
         super().__init__()
         self._make, self._stage, self._batch_size, self._hints = make, stage, batch_size, resource_hints
-        self._length_bucket = length_bucket
 
     def expand(self, pcoll: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        inputs = pcoll | "Preprocess" >> beam.ParDo(Preprocess(self._make, self._stage)).with_outputs(DEAD, main="ok")
-        ready = inputs.ok
-        if self._length_bucket:
-            width = self._length_bucket
-            ready = (ready
-                     | "ByLength" >> beam.Map(lambda kv: (len(kv[1]) // width, kv))
-                     | "GroupByLength" >> beam.GroupByKey()
-                     | "Ungroup" >> beam.FlatMap(lambda kv: kv[1]))
-        inference = RunInference(EncoderHandler(self._make, self._batch_size))
+        per_shard = self._batch_size * GROUP_BATCHES
+        count = pcoll | "Count" >> beam.combiners.Count.Globally()
+        batches = (pcoll
+                   | "Shard" >> beam.Map(lambda kv, n: (shard_of(kv[0][0], max(1, -(-n // per_shard))), kv),
+                                         n=beam.pvalue.AsSingleton(count))
+                   | "GroupShards" >> beam.GroupByKey()
+                   | "Batch" >> beam.ParDo(Batch(self._make, self._stage, self._batch_size)
+                                           ).with_outputs(DEAD, main="ok"))
+        inference = RunInference(EncoderHandler(self._make).with_no_batching())
         if self._hints:
             inference = inference.with_resource_hints(**self._hints)
-        vectors = ready | "Infer" >> inference
-        return vectors, inputs[DEAD]
+        vectors = batches.ok | "Infer" >> inference
+        return vectors, batches[DEAD]
