@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -87,21 +87,71 @@ def _unpickle_shard(ids: np.ndarray, vectors: np.ndarray, modalities: tuple, par
 
 class Batch(NamedTuple):
     """Queries stacked into a matrix, with the items each may not get (row r's are ``excluded_ids[
-    starts[r]:starts[r + 1]]``). Ids are UTF-8 bytes, as in ``Shard``."""
+    starts[r]:starts[r + 1]]``) and, for users, the history their vectors are sums of. Ids are UTF-8 bytes,
+    as in ``Shard``."""
     ids: np.ndarray           # (b,) bytes
     vectors: np.ndarray       # (b, D) float32
     starts: np.ndarray        # (b + 1,) int64: where each row's excluded ids start
     excluded_ids: np.ndarray  # (e,) bytes item id
+    history: History | None = None
 
     @staticmethod
-    def stack(queries: Sequence[tuple[str, Sequence[float] | np.ndarray, Iterable[str]]]) -> Batch:
+    def stack(queries: Sequence[tuple]) -> Batch:
+        """Queries ``(id, vector, excluded ids)``, or ``(id, vector, excluded ids, (history ids, weights))``
+        for rankings explained by history item."""
         excluded = [list(q[2]) for q in queries]
+        history = History.stack([q[3] for q in queries]) if len(queries[0]) > 3 else None
         return Batch(topk.utf8([q[0] for q in queries]), _matrix([q[1] for q in queries], "query"),
-                     _starts([len(e) for e in excluded]), topk.utf8(list(itertools.chain.from_iterable(excluded))))
+                     _starts([len(e) for e in excluded]), topk.utf8(list(itertools.chain.from_iterable(excluded))),
+                     history)
 
     def excluded_rows(self) -> np.ndarray:
         """The query row of each excluded id."""
         return np.repeat(np.arange(len(self.ids)), np.diff(self.starts))
+
+
+class History(NamedTuple):
+    """Each query's kept history items with their weights (the query vector is ``sum(weight x vector)`` over
+    the whole history): row r's are ``starts[r]:starts[r + 1]``. Ids are UTF-8 bytes, with their mixed hashes:
+    the ranking finds each item's vector in the shard that holds it."""
+    starts: np.ndarray   # (b + 1,) int64
+    ids: np.ndarray      # (t,) bytes
+    weights: np.ndarray  # (t,) float32
+    hashes: np.ndarray   # (t,) uint64
+
+    @staticmethod
+    def stack(histories: Sequence[tuple[Sequence[str], Sequence[float]]]) -> History:
+        ids = topk.utf8([i for h in histories for i in h[0]])
+        return History(_starts([len(h[0]) for h in histories]), ids,
+                       np.concatenate([np.asarray(h[1], np.float32) for h in histories] + [np.zeros(0, np.float32)]),
+                       topk.mixed_hash(ids))
+
+    def explain(self, vectors: np.ndarray, ranked: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each query row and ranked item (``ranked`` (b, k, D), their vectors), the ``n`` history items of
+        largest share of its score (``because``), with ``vectors`` (t, D) the history items' (NaN: none, never
+        named): ids ``(b, k, n)`` (b'' past a query's history) and shares (NaN there). Holds
+        ``HISTORY_CHUNK`` queries' histories, padded to the longest, at a time."""
+        b, k = ranked.shape[:2]
+        ids, shares = np.full((b, k, n), b"", dtype=self.ids.dtype), np.full((b, k, n), np.nan, np.float32)
+        known = ~np.isnan(vectors).any(1)
+        for lo in range(0, b, HISTORY_CHUNK):
+            starts = self.starts[lo:lo + HISTORY_CHUNK + 1]
+            counts = np.diff(starts)
+            hi, longest = lo + len(counts), int(counts.max(initial=0))
+            if not longest:
+                continue
+            slot = np.arange(longest)
+            valid = slot < counts[:, None]
+            rows = np.where(valid, starts[:-1, None] + slot, 0)
+            weights = np.where(valid & known[rows], self.weights[rows], np.nan)  # NaN shares sort last
+            picked, share = because(np.nan_to_num(vectors[rows]), weights, ranked[lo:hi], n)
+            found = np.take_along_axis(np.broadcast_to(rows[:, None, :], (hi - lo, k, longest)), picked, 2)
+            ids[lo:hi, :, :picked.shape[2]] = np.where(np.isnan(share), b"", self.ids[found])
+            shares[lo:hi, :, :picked.shape[2]] = share
+        return ids, shares
+
+
+HISTORY_CHUNK = 1024  # queries explained at a time: 1024 x 50 history items x 64 float32 is 13 MiB
 
 
 def _starts(counts: Sequence[int]) -> np.ndarray:
@@ -118,6 +168,9 @@ class Ranked(NamedTuple):
     scores: np.ndarray       # (b, k) float32
     modalities: tuple        # (M,)
     contributions: np.ndarray  # (b, k, M) float32: <query, part>; NaN where the item lacks the modality
+    vectors: np.ndarray | None = None         # (b, k, D) float32: the items' vectors, while because is to come
+    because_ids: np.ndarray | None = None     # (b, k, n): history items of largest share ('' past the history)
+    because_shares: np.ndarray | None = None  # (b, k, n) float32: their shares of the score (NaN past it)
 
 
 def _matrix(vectors: Sequence[Sequence[float] | np.ndarray], what: str) -> np.ndarray:
@@ -152,18 +205,22 @@ def merge(a: Ranked, b: Ranked, k: int) -> Ranked:
     contributions = [np.full((*r.scores.shape, len(modalities)), np.nan, dtype=np.float32) for r in (a, b)]
     for out, r in zip(contributions, (a, b)):
         out[..., [modalities.index(m) for m in r.modalities]] = r.contributions
-    ids = np.concatenate([a.item_ids, b.item_ids], axis=1)
-    scores = np.concatenate([a.scores, b.scores], axis=1)
-    order = np.lexsort((ids, -scores), axis=-1)[:, :k]
-    return Ranked(a.query_ids, np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1),
-                  modalities, np.take_along_axis(np.concatenate(contributions, axis=1), order[..., None], 1))
+    order = np.lexsort((np.concatenate([a.item_ids, b.item_ids], axis=1),
+                        -np.concatenate([a.scores, b.scores], axis=1)), axis=-1)[:, :k]
+
+    def best(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        both = np.concatenate([x, y], axis=1)
+        return np.take_along_axis(both, order.reshape(order.shape + (1,) * (both.ndim - 2)), 1)
+    return Ranked(a.query_ids, best(a.item_ids, b.item_ids), best(a.scores, b.scores), modalities,
+                  best(*contributions), None if a.vectors is None else best(a.vectors, b.vectors))
 
 
 def because(history: np.ndarray, weights: np.ndarray, items: np.ndarray, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Which history items a score comes from. The user vector is ``weightsᵀ history`` (history item vectors,
     (h, D), weights as the ``users`` dataset keeps them), so the score of item row ``i`` of ``items`` (r, D)
     splits exactly into ``weights[j] <history[j], items[i]>``. Returns the (r, n) history rows of the largest
-    contributions, largest first (ties: lower row), and those (r, n) contributions."""
-    shares = (items @ history.T) * weights[None, :]
-    order = np.argsort(-shares, axis=1, kind="stable")[:, :n]
-    return order, np.take_along_axis(shares, order, axis=1)
+    contributions, largest first (ties: lower row; NaN weights last), and those (r, n) contributions. Leading
+    axes batch: (c, h, D), (c, h) and (c, r, D) give (c, r, n)."""
+    shares = (items @ np.swapaxes(history, -1, -2)) * weights[..., None, :]
+    order = np.argsort(-shares, axis=-1, kind="stable")[..., :n]
+    return order, np.take_along_axis(shares, order, axis=-1)

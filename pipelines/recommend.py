@@ -7,8 +7,9 @@ Called by the nightly job after fusion with the fused ``items`` (dicts with ``it
   fallback (True: no usable history, so the user gets the most popular recent items), history (the items
   of largest weight in the vector: item_id and weight, with vector = sum of weight x item vector);
 - ``recommendations``: user_id, rank (1 = best), item_id, score, contributions (modality -> its share of
-  the score; they sum to the score). Fallback users' rows have score = the item's share of recent
-  interactions and contributions ``{"popularity": score}``;
+  the score; they sum to the score), because (the ``topk.BECAUSE`` kept history items with the largest
+  shares of the score, largest first: item_id and share). Fallback users' rows have score = the item's
+  share of recent interactions, contributions ``{"popularity": score}`` and no ``because``;
 - ``similar_items``: item_id, rank, similar_item_id, score, contributions (as above, for the item as query).
 
 Both rankings are exact (``transforms.topk``): no approximate index, ties broken by item id. A user who has
@@ -38,8 +39,9 @@ _CONTRIBUTIONS = pa.map_(pa.string(), pa.float32())
 USERS = pa.schema([("user_id", pa.string()), ("vector", pa.list_(pa.float32())),
                    ("n_interactions", pa.int64()), ("fallback", pa.bool_()),
                    ("history", pa.list_(pa.struct([("item_id", pa.string()), ("weight", pa.float32())])))])
+_BECAUSE = pa.list_(pa.struct([("item_id", pa.string()), ("share", pa.float32())]))
 RECOMMENDATIONS = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
-                             ("score", pa.float32()), ("contributions", _CONTRIBUTIONS)])
+                             ("score", pa.float32()), ("contributions", _CONTRIBUTIONS), ("because", _BECAUSE)])
 SIMILAR_ITEMS = pa.schema([("item_id", pa.string()), ("rank", pa.int32()), ("similar_item_id", pa.string()),
                            ("score", pa.float32()), ("contributions", _CONTRIBUTIONS)])
 
@@ -52,7 +54,8 @@ def recommend(job: Job, o: RecommendConfig, items: beam.PCollection, interaction
     job.count("users", "users", personal=personal, fallback=fallback)
     job.write("users", users | "UserRows" >> beam.Map(_user_row), USERS)
 
-    queries = personal | "UserQueries" >> beam.Map(lambda u: (u["user_id"], u["vector"], u["seen"]))
+    queries = personal | "UserQueries" >> beam.Map(lambda u: (u["user_id"], u["vector"], u["seen"], (
+        [item for item, _ in u["history"]], [w for _, w in u["history"]])))
     ranked = {"queries": queries, "items": items} | "RecommendTopK" >> topk.TopK(
         o.top_k, o.user_batch_size, o.item_shard_size)
     allowed = items | "PopularAllowedIds" >> beam.Map(lambda i: i["item_id"])
@@ -136,8 +139,9 @@ class _RankingTables(beam.DoFn):
 
 
 def ranking_table(rankings: list, schema: pa.Schema) -> pa.Table:
-    """Rankings ``(query, Ranked)`` as rows of ``schema`` (query, rank, item, score, contributions); a
-    contribution map holds the modalities the item has (NaN contributions are left out)."""
+    """Rankings ``(query, Ranked)`` as rows of ``schema`` (query, rank, item, score, contributions[, because]);
+    a contribution map holds the modalities the item has (NaN contributions are left out), a because list
+    the history items a ranking names (none for rankings without history)."""
     lengths = np.array([len(r.scores) for _, r in rankings], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)])
     modalities = sorted({m for _, r in rankings for m in r.modalities})
@@ -150,9 +154,29 @@ def ranking_table(rankings: list, schema: pa.Schema) -> pa.Table:
     names = np.broadcast_to(np.array(modalities, dtype=object), contributions.shape)[has]
     maps = pa.MapArray.from_arrays(pa.array(offsets), pa.array(names, pa.string()),
                                    pa.array(contributions[has], pa.float32()))
-    return pa.Table.from_arrays([
+    columns = [
         pa.array(np.repeat(np.array([q for q, _ in rankings], dtype=object), lengths), pa.string()),
         pa.array((np.arange(starts[-1]) - np.repeat(starts[:-1], lengths) + 1).astype(np.int32)),
         pa.array(np.concatenate([r.item_ids for _, r in rankings]).astype(object), pa.string()),
         pa.array(np.concatenate([r.scores for _, r in rankings]).astype(np.float32)),
-        maps.cast(schema.field(4).type)], schema=schema)
+        maps.cast(schema.field(4).type)]
+    if "because" in schema.names:
+        columns.append(_because(rankings, int(starts[-1])))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _because(rankings: list, rows: int) -> pa.Array:
+    """The ``because`` lists of the rankings' rows: each row's named history items with their shares."""
+    n = max((r.because_ids.shape[1] for _, r in rankings if r.because_ids is not None), default=0)
+    ids, shares = np.full((rows, n), "", dtype=object), np.full((rows, n), np.nan, np.float32)
+    start = 0
+    for _, r in rankings:
+        if r.because_ids is not None:
+            ids[start:start + len(r.scores), :r.because_ids.shape[1]] = r.because_ids
+            shares[start:start + len(r.scores), :r.because_ids.shape[1]] = r.because_shares
+        start += len(r.scores)
+    named = ~np.isnan(shares)
+    offsets = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(named.sum(axis=1), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.StructArray.from_arrays(
+        [pa.array(ids[named], pa.string()), pa.array(shares[named], pa.float32())], ["item_id", "share"]))

@@ -23,6 +23,7 @@ def test_explain_splits_each_score_by_history_item(demo_night, demo, capsys):
     recs = sorted((r for r in dataset(demo_night, "recommendations").to_pylist()),
                   key=lambda r: (r["user_id"], r["rank"]))
     user = next(u for u in sorted(users) if not users[u]["fallback"])
+    assert all(not r["because"] for r in recs if users[r["user_id"]]["fallback"])
     got = explain.explain(str(demo_night), user)
 
     mine = [r for r in recs if r["user_id"] == user]
@@ -39,6 +40,10 @@ def test_explain_splits_each_score_by_history_item(demo_night, demo, capsys):
         assert [b["share"] for b in r["because"]] == pytest.approx([shares[i] for i in best], abs=1e-5)
         assert sum(shares.values()) == pytest.approx(r["score"], abs=1e-5) and r["rest"] == pytest.approx(0, abs=1e-5)
         assert sum(r["contributions"].values()) == pytest.approx(r["score"], abs=1e-5)
+        # the night wrote the same "because" into the recommendation row
+        [row] = [m for m in mine if m["rank"] == r["rank"]]
+        assert [b["item_id"] for b in row["because"]] == best
+        assert [b["share"] for b in row["because"]] == pytest.approx([shares[i] for i in best], abs=1e-5)
 
     assert explain.main([f"--run={demo_night}", f"--user={user}", f"--catalog={demo['catalog']}"]) == 0
     lines = capsys.readouterr().out.splitlines()

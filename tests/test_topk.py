@@ -285,3 +285,34 @@ def test_transform_refuses_vectors_of_different_lengths(tmp_path):
     items = [{"item_id": "a", "vector": np.ones(4), "parts": {}}, {"item_id": "b", "vector": np.ones(3), "parts": {}}]
     with pytest.raises(Exception, match="vectors of different lengths"):
         run_topk(tmp_path, [("u", np.ones(4), [])], items, 2, 10, 10)
+
+
+@pytest.mark.slow
+def test_queries_with_history_name_the_history_items_a_score_comes_from(tmp_path):
+    """Each ranked item's ``because``: the 3 history items of largest weight x <history item, item>, largest
+    first (ties: earlier history row), as brute force finds them, with the history items' vectors found
+    among the items; the same however queries and items are cut up. A query with a short history names
+    fewer, one without history none; a history item that is not among the items is never named."""
+    q, x, item_ids, items, excluded, queries = problem(150, 1500, 8, 10)
+    rng = np.random.default_rng(9)
+    histories = []
+    for i in range(len(queries)):
+        rows = rng.choice(len(x), i % 7, replace=False)
+        histories.append((item_ids[rows].tolist() + ["not-an-item"], [*rng.uniform(-0.2, 1.0, len(rows)), 5.0]))
+    got = run_topk(tmp_path, [(*query, h) for query, h in zip(queries, histories)], items, 10, batch=64, shard=700)
+    check_against_brute_force(got, q, x, 10, excluded, item_ids)
+    vectors = dict(zip(item_ids.tolist(), x))
+    for i, (ids, weights) in enumerate(histories):
+        ids, weights = ids[:-1], np.asarray(weights[:-1], np.float32)
+        r = got[f"u{i}"]
+        shares = np.array([[w * float(vectors[ids[h]] @ vectors[item]) for h, w in enumerate(weights)]
+                           for item in r.item_ids.tolist()]).reshape(len(r.item_ids), len(ids))
+        order = np.argsort(-shares, axis=1, kind="stable")[:, :3]
+        named = [[b for b in row if b] for row in r.because_ids.tolist()]
+        assert named == [[ids[h] for h in row] for row in order], i
+        np.testing.assert_allclose(r.because_shares[:, :order.shape[1]], np.take_along_axis(shares, order, 1),
+                                   rtol=1e-5, atol=1e-6)
+        assert np.isnan(r.because_shares[:, order.shape[1]:]).all()
+    whole = run_topk(tmp_path, [(*query, h) for query, h in zip(queries, histories)], items, 10, batch=10_000,
+                     shard=10_000)
+    assert all(whole[u].because_ids.tolist() == r.because_ids.tolist() for u, r in got.items())

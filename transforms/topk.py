@@ -38,17 +38,21 @@ if TYPE_CHECKING:
     Pieces = Mapping[tuple[int, int], Iterable[Shard]]  # side input: the pieces under each (bucket, group) key
     PieceCounts = Mapping[tuple[int, int], int]  # side input: items under each (bucket, group) key
 
-USER_BATCH = 8192    # queries per batch: 8192 x 64 float32 is 2 MiB, plus the exclusions
+USER_BATCH = 8192    # queries per batch: 8192 x 64 float32 is 2 MiB, plus the exclusions and histories
 ITEM_SHARD = 131072  # items per shard: 131072 x 64 float32 is 32 MiB per modality plus the fused vector
 BUCKETS = 64         # a catalogue of more than BUCKETS x shard size items gets larger shards
 BLOCK = 16384        # items stacked at a time where they are read: 32768 read faster, but the stacking peaks higher
 GROUP = 4 * BLOCK    # items at most per group of blocks; a side-input lookup answers one group's share of a bucket
+BECAUSE = 3          # history items named per ranked item, for queries that carry their history
 
 
 class TopK(beam.PTransform):
     """``{"queries": (query_id, vector, excluded item ids), "items": item dicts} | TopK(k)`` yields
     ``(query_id, Ranked)`` for every query that has at least one allowed item, with ``Ranked`` for one query
-    (arrays of length <= k, no padding).
+    (arrays of length <= k, no padding). Queries with a fourth element, their kept history ``(item ids,
+    weights)`` (the query vector is the weighted sum of the history's item vectors), also get each ranked
+    item's ``BECAUSE`` history items of largest share of its score; the history items' vectors are found in
+    the shards as they are read.
 
     Item dicts carry ``item_id``, ``vector`` (fused) and ``parts`` ({modality: vector}, summing to
     ``vector``), so each score splits into what each modality contributed.
@@ -191,24 +195,37 @@ class _Rank(beam.DoFn):
             shards.insert(0, self._held[0])
         hashes = topk.mixed_hash(batch.excluded_ids)
         buckets, rows = topk.bucket(hashes, BUCKETS), batch.excluded_rows()
+        history = batch.history
+        if history is not None:  # history items' vectors, found in the shards as they are read
+            history_buckets = topk.bucket(history.hashes, BUCKETS)
+            history_vectors = np.full((len(history.ids), batch.vectors.shape[1]), np.nan, np.float32)
         best = None
         for span in shards:
             mine = np.flatnonzero((buckets >= span.lo) & (buckets < span.hi))
-            ranked = self._rank(batch, rows[mine], batch.excluded_ids[mine], hashes[mine],
-                                *self._shard(items, span, piece_counts))
+            shard, index = self._shard(items, span, piece_counts)
+            ranked = self._rank(batch, rows[mine], batch.excluded_ids[mine], hashes[mine], shard, index)
+            if history is not None:
+                theirs = np.flatnonzero((history_buckets >= span.lo) & (history_buckets < span.hi))
+                found, at = index.find(history.ids[theirs], history.hashes[theirs])
+                history_vectors[theirs[found]] = shard.vectors[at[found]]
+            del shard, index  # the next shard is read with this one freed
             best = ranked if best is None else merge(best, ranked, self._k)
-        if best is not None:
-            yield from _per_query(best)
+        if best is None:
+            return
+        if history is not None:
+            ids, shares = history.explain(history_vectors, best.vectors, BECAUSE)
+            best = best._replace(vectors=None, because_ids=ids, because_shares=shares)
+        yield from _per_query(best)
 
     def _rank(self, batch: Batch, excluded_rows: np.ndarray, excluded_ids: np.ndarray, excluded_hashes: np.ndarray,
               shard: Shard, index: topk.HashIndex) -> Ranked:
-        """The batch's best k in one shard. A method of its own so that nothing refers to the shard once it
-        returns: the next shard is read with this one freed."""
+        """The batch's best k in one shard, with their vectors where the batch's history is to explain them."""
         found, cols = index.find(excluded_ids, excluded_hashes)
         columns, scores = topk.top_k(batch.vectors, shard.vectors, self._k, (excluded_rows[found], cols[found]))
         item_ids = np.where(columns >= 0, shard.ids[np.maximum(columns, 0)], b"")
+        vectors = None if batch.history is None else shard.vectors[np.maximum(columns, 0)]
         return Ranked(batch.ids, item_ids, scores, shard.modalities,
-                      topk.contributions(batch.vectors, shard.parts, shard.has, columns))
+                      topk.contributions(batch.vectors, shard.parts, shard.has, columns), vectors)
 
     def _shard(self, items: Pieces, span: Span, piece_counts: PieceCounts) -> tuple[Shard, topk.HashIndex]:
         if self._held is None or self._held[0] != span:
@@ -223,7 +240,10 @@ class _Rank(beam.DoFn):
 def _per_query(r: Ranked) -> Iterator[tuple[str, Ranked]]:
     """A batch's ranking as one record per query that got any item."""
     item_ids, found = topk.text(r.item_ids), np.count_nonzero(r.scores > -np.inf, axis=1).tolist()
+    because_ids = None if r.because_ids is None else topk.text(r.because_ids)
     for row, (query, n) in enumerate(zip(topk.text(r.query_ids).tolist(), found)):
         if n:
+            because = {} if because_ids is None else {"because_ids": because_ids[row, :n],
+                                                      "because_shares": r.because_shares[row, :n]}
             yield query, Ranked(query, item_ids[row, :n], r.scores[row, :n], r.modalities,
-                                r.contributions[row, :n])
+                                r.contributions[row, :n], **because)
