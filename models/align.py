@@ -440,6 +440,9 @@ def fit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndarray],
     if log_dir:
         callbacks.append(keras.callbacks.TensorBoard(log_dir))
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    # Variables made now, not in the first step: TensorFlow traces a step that creates variables twice.
+    model(data[0])
+    model.optimizer.build(model.trainable_variables)
     history = model.fit(data, validation_data=val, epochs=config.epochs, callbacks=callbacks, verbose=0, shuffle=False)
     aligner.metrics = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     aligner.metrics["stopped_by_time"] = limit.stopped

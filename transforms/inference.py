@@ -124,11 +124,7 @@ class Batch(beam.DoFn):
                 yield out
             else:
                 ready.extend(out)
-        ready.sort(key=lambda kv: (len(kv[1]) // width, kv[0]))
-        for _, same in itertools.groupby(ready, key=lambda kv: len(kv[1]) // width):
-            same = list(same)
-            for start in range(0, len(same), size):
-                yield same[start:start + size]
+        yield from cut(ready, size, width)
 
     def _preprocessed(self, elements: list) -> Iterator[list | beam.pvalue.TaggedOutput]:
         batch = []
@@ -155,6 +151,22 @@ def shard_of(item_id: str, shards: int) -> int:
     return zlib.crc32(item_id.encode()) % shards
 
 
+def shard_count(inputs: int, batch_size: int) -> int:
+    """Shards of about ``GROUP_BATCHES`` batches for ``inputs`` inputs."""
+    return max(1, -(-inputs // (batch_size * GROUP_BATCHES)))
+
+
+def cut(ready: list[tuple[Any, Any]], batch_size: int, width: int) -> Iterator[list[tuple[Any, Any]]]:
+    """One shard's preprocessed ``(key, input)`` pairs in batches: in key order within each length bucket
+    (``len(input) // width``; one bucket where ``width`` is 0), a bucket's last batch possibly short."""
+    def bucket(kv: tuple) -> int:
+        return len(kv[1]) // width if width else 0
+    for _, same in itertools.groupby(sorted(ready, key=lambda kv: (bucket(kv), kv[0])), key=bucket):
+        same = list(same)
+        for start in range(0, len(same), batch_size):
+            yield same[start:start + batch_size]
+
+
 class Encode(beam.PTransform):
     """``((item_id, hash), (raw, source))`` -> ``((item_id, hash), vector)``, plus dead letters.
 
@@ -169,10 +181,10 @@ class Encode(beam.PTransform):
         self._make, self._stage, self._batch_size, self._hints = make, stage, batch_size, resource_hints
 
     def expand(self, pcoll: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        per_shard = self._batch_size * GROUP_BATCHES
+        size = self._batch_size
         count = pcoll | "Count" >> beam.combiners.Count.Globally()
         batches = (pcoll
-                   | "Shard" >> beam.Map(lambda kv, n: (shard_of(kv[0][0], max(1, -(-n // per_shard))), kv),
+                   | "Shard" >> beam.Map(lambda kv, n: (shard_of(kv[0][0], shard_count(n, size)), kv),
                                          n=beam.pvalue.AsSingleton(count))
                    | "GroupShards" >> beam.GroupByKey()
                    | "Batch" >> beam.ParDo(Batch(self._make, self._stage, self._batch_size)
