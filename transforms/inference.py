@@ -112,21 +112,20 @@ class Batch(beam.DoFn):
 
     def process(self, shard: tuple[int, Iterable[tuple[tuple[str, str], tuple[Any, str]]]]
                 ) -> Iterator[list[tuple[tuple[str, str], Any]] | beam.pvalue.TaggedOutput]:
-        elements = sorted(shard[1], key=lambda element: element[0])
         width, size = self._encoder.length_bucket, self._batch_size
-        if not width:
-            for start in range(0, len(elements), size):
-                yield from self._preprocessed(elements[start:start + size])
+        if not width:  # cut before decoding: decoded media one batch at a time
+            for chunk in cut(list(shard[1]), size, 0):
+                yield from self._preprocessed(chunk)
             return
         ready = []
-        for out in self._preprocessed(elements):
+        for out in self._preprocessed(shard[1]):
             if isinstance(out, beam.pvalue.TaggedOutput):
                 yield out
             else:
                 ready.extend(out)
         yield from cut(ready, size, width)
 
-    def _preprocessed(self, elements: list) -> Iterator[list | beam.pvalue.TaggedOutput]:
+    def _preprocessed(self, elements: Iterable) -> Iterator[list | beam.pvalue.TaggedOutput]:
         batch = []
         for key, (raw, source) in elements:
             try:
@@ -157,8 +156,9 @@ def shard_count(inputs: int, batch_size: int) -> int:
 
 
 def cut(ready: list[tuple[Any, Any]], batch_size: int, width: int) -> Iterator[list[tuple[Any, Any]]]:
-    """One shard's preprocessed ``(key, input)`` pairs in batches: in key order within each length bucket
-    (``len(input) // width``; one bucket where ``width`` is 0), a bucket's last batch possibly short."""
+    """One shard's ``(key, input)`` pairs in batches: in key order within each length bucket
+    (``len(input) // width``; one bucket, and any inputs, where ``width`` is 0), a bucket's last batch
+    possibly short."""
     def bucket(kv: tuple) -> int:
         return len(kv[1]) // width if width else 0
     for _, same in itertools.groupby(sorted(ready, key=lambda kv: (bucket(kv), kv[0])), key=bucket):
