@@ -49,6 +49,7 @@ $(VENV)-bench/.installed: bench/requirements-peers.txt requirements-weights.txt
 bench: install $(VENV)-bench/.installed
 	$(BIN)/python -m bench.encoders
 	$(BIN)/python -m bench.topk
+	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.scale
 
 # docs/options.md is every stage's --help (a test fails when it is stale).

@@ -36,6 +36,7 @@ REQUIRES = [
     "threadpoolctl==3.8.0",  # one BLAS thread per top-k task: tasks already run in parallel
     "tensorboard==2.21.0",  # the alignment's training logs (TensorFlow 2.21 no longer pulls it in)
     "matplotlib==3.11.2",  # the run report's plots (inline SVG)
+    "aiohttp==3.14.5",  # mmfuse serve's HTTP server
 ]
 
 

@@ -12,6 +12,8 @@ STAGES = {
     "evaluate": "score a night's recommendations against held-out interactions (--run), or compare every "
                 "method on a temporal and a cold-item split (docs/evaluation.md)",
     "explain": "one user's recommendations from a night, with modality shares and the history items behind them",
+    "export": "a complete night as a TensorFlow SavedModel that answers recommend and similar",
+    "serve": "the TF Serving REST API over an exported night",
 }
 
 

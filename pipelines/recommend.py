@@ -5,12 +5,15 @@ Called by the nightly job after fusion with the fused ``items`` (dicts with ``it
 
 - ``users``: user_id, vector (null for fallback users), n_interactions (how many built the vector),
   fallback (True: no usable history, so the user gets the most popular recent items), history (the items
-  of largest weight in the vector: item_id and weight, with vector = sum of weight x item vector);
+  of largest weight in the vector: item_id and weight, with vector = sum of weight x item vector), seen
+  (every item the user interacted with: what their rankings exclude);
 - ``recommendations``: user_id, rank (1 = best), item_id, score, contributions (modality -> its share of
   the score; they sum to the score), because (the ``topk.BECAUSE`` kept history items with the largest
   shares of the score, largest first: item_id and share). Fallback users' rows have score = the item's
   share of recent interactions, contributions ``{"popularity": score}`` and no ``because``;
-- ``similar_items``: item_id, rank, similar_item_id, score, contributions (as above, for the item as query).
+- ``similar_items``: item_id, rank, similar_item_id, score, contributions (as above, for the item as query);
+- ``popular``: rank, item_id, share: the fallback's list (the most popular recent items), so that a served
+  night can answer users it has never seen.
 
 Both rankings are exact (``transforms.topk``): no approximate index, ties broken by item id. A user who has
 seen every item, or an item alone in the catalogue, gets no rows and a dead letter saying so.
@@ -38,12 +41,14 @@ POPULARITY = "popularity"
 _CONTRIBUTIONS = pa.map_(pa.string(), pa.float32())
 USERS = pa.schema([("user_id", pa.string()), ("vector", pa.list_(pa.float32())),
                    ("n_interactions", pa.int64()), ("fallback", pa.bool_()),
-                   ("history", pa.list_(pa.struct([("item_id", pa.string()), ("weight", pa.float32())])))])
+                   ("history", pa.list_(pa.struct([("item_id", pa.string()), ("weight", pa.float32())]))),
+                   ("seen", pa.list_(pa.string()))])
 _BECAUSE = pa.list_(pa.struct([("item_id", pa.string()), ("share", pa.float32())]))
 RECOMMENDATIONS = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
                              ("score", pa.float32()), ("contributions", _CONTRIBUTIONS), ("because", _BECAUSE)])
 SIMILAR_ITEMS = pa.schema([("item_id", pa.string()), ("rank", pa.int32()), ("similar_item_id", pa.string()),
                            ("score", pa.float32()), ("contributions", _CONTRIBUTIONS)])
+POPULAR = pa.schema([("rank", pa.int32()), ("item_id", pa.string()), ("share", pa.float32())])
 
 
 def recommend(job: Job, o: RecommendConfig, items: beam.PCollection, interactions: beam.PCollection) -> dict:
@@ -61,6 +66,9 @@ def recommend(job: Job, o: RecommendConfig, items: beam.PCollection, interaction
     allowed = items | "PopularAllowedIds" >> beam.Map(lambda i: i["item_id"])
     popular = ({"interactions": interactions, "allowed": allowed}
                | "PopularItems" >> RecentPopular(o.popular_days * 86400.0, o.top_k + 1000))
+    job.write("popular", popular | "PopularRows" >> beam.FlatMap(
+        lambda top: [{"rank": rank, "item_id": item, "share": share} for rank, (item, share) in enumerate(top, 1)]),
+        POPULAR)
     popular_ranked = fallback | "PopularForFallback" >> beam.FlatMap(
         _popular, beam.pvalue.AsSingleton(popular, default_value=[]), o.top_k)
     all_ranked = (ranked, popular_ranked) | "AllRecommendations" >> beam.Flatten()
@@ -96,7 +104,7 @@ def _user_row(user: dict) -> dict:
     vector = user["vector"]
     return {"user_id": user["user_id"], "vector": None if vector is None else vector.tolist(),
             "n_interactions": user["n_interactions"], "fallback": user["fallback"],
-            "history": [{"item_id": item, "weight": w} for item, w in user["history"]]}
+            "history": [{"item_id": item, "weight": w} for item, w in user["history"]], "seen": list(user["seen"])}
 
 
 def _popular(user: dict, popular: list, k: int):

@@ -133,7 +133,7 @@ def test_statistical_alignment_night_leaves_no_scratch_files(demo, tmp_path, mon
     assert metrics(run)["stages"]["align"]["dead"] == 0 and len(dataset(run, "items")) == 120
     assert not list(temp.glob("mmfuse-*")) and list((tmp_path / "out" / "_staging").iterdir()) == []
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [
-        "alignment", "dead_letter", "embeddings", "items", "recommendations", "similar_items", "users"]
+        "alignment", "dead_letter", "embeddings", "items", "popular", "recommendations", "similar_items", "users"]
 
 
 @pytest.mark.slow

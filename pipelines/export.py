@@ -1,0 +1,83 @@
+"""``mmfuse export --run=ROOT/<date> --out=DIR``: a complete night as one TensorFlow SavedModel.
+
+The SavedModel (``models.serving.Night``) answers ``recommend`` (user id, k) and ``similar`` (item id, k)
+with the night's own rankings, computed exactly in its graph from the night's ``items``, ``users`` and
+``popular`` datasets; TF Serving, Vertex AI and KServe load it as it is, and ``mmfuse serve`` answers the
+TF Serving REST API from it. Memory: the whole item matrix with its modality parts and every user's vector
+and seen items, in this process and in the server.
+
+    mmfuse export --run=out/2026-06-01 --out=models/mmfuse/1
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from mmfuse.transforms.contract import ContractError
+from mmfuse.transforms.parquet import read_dataset
+from mmfuse.transforms.runs import is_complete
+
+if TYPE_CHECKING:  # TensorFlow loads once the command line is parsed
+    from mmfuse.models.serving import Arrays
+
+
+def arrays(run_dir: str) -> Arrays:
+    """The night's datasets as ``models.serving.Arrays``."""
+    from mmfuse.models.serving import Arrays
+    items = read_dataset(run_dir, "items", ["item_id", "vector", "parts"]).sort_by("item_id")
+    ids = np.array(items["item_id"].to_pylist(), dtype=object)
+    if not len(ids):
+        raise ContractError(f"{run_dir}/items holds no item")
+    vectors = np.array(items["vector"].to_pylist(), np.float32)
+    parts = items["parts"].to_pylist()
+    modalities = tuple(sorted({m for p in parts for m, _ in p}))
+    stacked = np.zeros((len(modalities), *vectors.shape), np.float32)
+    has = np.zeros((len(ids), len(modalities)), bool)
+    for row, p in enumerate(parts):
+        for name, part in p:
+            stacked[modalities.index(name), row], has[row, modalities.index(name)] = part, True
+    row_of = {item: row for row, item in enumerate(ids)}
+
+    users = read_dataset(run_dir, "users", ["user_id", "vector", "seen"])
+    user_vectors = np.zeros((users.num_rows, vectors.shape[1]), np.float32)
+    personal = np.zeros(users.num_rows, bool)
+    for r, v in enumerate(users["vector"].to_pylist()):
+        if v is not None:
+            user_vectors[r], personal[r] = v, True
+    seen = [[row_of[i] for i in s if i in row_of] for s in users["seen"].to_pylist()]
+    popular = read_dataset(run_dir, "popular", ["rank", "item_id", "share"]).sort_by("rank")
+    return Arrays(ids, vectors, modalities, stacked, has, np.array(users["user_id"].to_pylist(), dtype=object),
+                  user_vectors, personal, np.concatenate([[0], np.cumsum([len(s) for s in seen])]).astype(np.int64),
+                  np.array([r for s in seen for r in s], np.int64),
+                  np.array([row_of[i] for i in popular["item_id"].to_pylist()], np.int64),
+                  np.array(popular["share"].to_pylist(), np.float32))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmfuse export", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run", required=True, help="A complete night (ROOT/<date>)")
+    parser.add_argument("--out", required=True, help="The SavedModel's folder (for TF Serving: MODEL/<version>)")
+    parser.add_argument("--verbose", action="store_true", help="Show the libraries' log lines")
+    args = parser.parse_args(argv)
+    if not is_complete(args.run):
+        print(f"mmfuse export: error: {args.run} is not a complete run (no _SUCCESS)", file=sys.stderr)
+        return 2
+    try:
+        night = arrays(args.run)
+    except (ContractError, KeyError, OSError, pa.ArrowException) as e:
+        print(f"mmfuse export: error: {e}", file=sys.stderr)
+        return 2
+    from mmfuse.models.serving import Night
+    Night(night).save(args.out)
+    print(f"mmfuse export: wrote {args.out} ({len(night.item_ids)} items, {len(night.user_ids)} users, "
+          f"signatures recommend and similar)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
