@@ -37,6 +37,7 @@ REQUIRES = [
     "tensorboard==2.21.0",  # the alignment's training logs (TensorFlow 2.21 no longer pulls it in)
     "matplotlib==3.11.2",  # the run report's plots (inline SVG)
     "aiohttp==3.14.5",  # mmfuse serve's HTTP server
+    "tensorflow-text==2.21.1",  # the served night's in-graph WordPiece tokenizer (embed_item)
 ]
 
 

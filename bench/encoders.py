@@ -125,6 +125,16 @@ def bare(modality: str, work: Path) -> dict:
     for batch in batches:
         vectors[batch] = encoder.encode_batch([inputs[i] for i in batch])
     result["model_s"] = time.perf_counter() - start
+    if modality in PEERS:  # the same batches computed in bfloat16, and how far that moves the vectors
+        half = factory(modality, precision="bfloat16")()
+        half.encode_batch([inputs[i] for i in batches[0]])
+        low = np.zeros_like(vectors)
+        start = time.perf_counter()
+        for batch in batches:
+            low[batch] = half.encode_batch([inputs[i] for i in batch])
+        result["model_s_bf16"] = time.perf_counter() - start
+        cosine = (vectors * low).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(low, axis=1)
+        result |= {"cosine_bf16_mean": float(cosine.mean()), "cosine_bf16_min": float(cosine.min())}
     np.save(work / "ours.npy", vectors[:CHECK])
     (work / "batches.json").write_text(json.dumps(batches))
     if modality == "text":
@@ -210,18 +220,25 @@ def summarise(m: str, s: dict) -> dict:
            "pipeline_per_s": (n - TINY) / (wall - startup) if wall > startup else float("nan"),  # nan: in the noise
            "pipeline_peak_mib": max(p["peak_mib"] for p in s["pipeline"])}
     out["pipeline_over_bare"] = out["pipeline_per_s"] / out["bare_per_s"]
+    if "cosine_bf16_mean" in s["bare"][0]:
+        out["cosine_bf16"] = [min(b[f"cosine_bf16_{k}"] for b in s["bare"]) for k in ("mean", "min")]
     if p := s["peer"]:
         peak, diff = max(x["peak_mib"] for x in p), max(x["max_abs_diff"] for x in p)
+        half = {"ours": "bfloat16", "ours_per_s": best(s["bare"], lambda b: b["preprocess_s"] + b["model_s_bf16"])
+                if m == "text" else best(s["bare"], lambda b: b["model_s_bf16"])}
+        full = {"ours": "float32", "ours_per_s": out["bare_per_s"] if m == "text" else out["model_per_s"]}
         if m == "text":  # sentence-transformers tokenises inside encode: compare with tokenising + model
-            out["peers"] = [{"peer": f"{p[0]['library']}{setting}", "ours_per_s": out["bare_per_s"],
-                             "peer_per_s": best(p, lambda x, key=key: x[key])} for setting, key in (
-                (", float32, `encode` per batch on our batches", "seconds"),
-                (", float32, one `encode` call on all texts (its best: it sorts them by length)", "seconds_sorted"),
-                (", bfloat16 weights, one `encode` call on all texts", "seconds_sorted_bf16"))]
+            out["peers"] = [{**ours, "peer": f"{p[0]['library']}{setting}",
+                             "peer_per_s": best(p, lambda x, key=key: x[key])} for ours, setting, key in (
+                (full, ", float32, `encode` per batch on our batches", "seconds"),
+                (full, ", float32, one `encode` call on all texts (its best: it sorts them by length)",
+                 "seconds_sorted"),
+                (half, ", bfloat16 weights, one `encode` call on all texts", "seconds_sorted_bf16"))]
         else:  # the torch port is fed our preprocessed inputs: compare model rates
-            out["peers"] = [{"peer": f"torch {p[0]['torch']}, plain torch.nn MobileNetV2, {precision}, our batches",
-                             "ours_per_s": out["model_per_s"], "peer_per_s": best(p, lambda x, key=key: x[key])}
-                            for precision, key in (("float32", "seconds"), ("bfloat16 weights", "seconds_bf16"))]
+            out["peers"] = [{**ours, "peer": f"torch {p[0]['torch']}, plain torch.nn MobileNetV2, {precision}, "
+                             "our batches", "peer_per_s": best(p, lambda x, key=key: x[key])}
+                            for ours, precision, key in ((full, "float32", "seconds"),
+                                                         (half, "bfloat16 weights", "seconds_bf16"))]
         for row in out["peers"]:
             row |= {"ours_over_peer": row["ours_per_s"] / row["peer_per_s"], "peer_peak_mib": peak,
                     "max_abs_diff": diff}
@@ -283,21 +300,28 @@ def markdown(report: dict) -> str:
                      f"| {r['pipeline_per_s']:.1f} | {r['pipeline_peak_mib']:.0f} "
                      f"| {verdict(r['pipeline_over_bare'], 0.8)} |")
     lines += ["", "## Ours against peers (same inputs; our batches, or the peer's best setting where it says so)", "",
-              "| encoder | peer | ours items/s | peer items/s | peer peak MiB | ours / peer (target >= 1.0) "
-              "| max abs diff, first embeddings |", "|---|---|--:|--:|--:|---|--:|"]
+              "| encoder | ours | peer | ours items/s | peer items/s | peer peak MiB | ours / peer (target >= 1.0) "
+              "| max abs diff, first embeddings |", "|---|---|---|--:|--:|--:|---|--:|"]
     for m, r in rows.items():
         for p in r.get("peers", []):
-            lines.append(f"| {m} | {p['peer']} | {p['ours_per_s']:.1f} | {p['peer_per_s']:.1f} "
-                         f"| {p['peer_peak_mib']:.0f} | {verdict(p['ours_over_peer'], 1.0)} "
+            lines.append(f"| {m} | {p.get('ours', 'float32')} | {p['peer']} | {p['ours_per_s']:.1f} "
+                         f"| {p['peer_per_s']:.1f} | {p['peer_peak_mib']:.0f} | {verdict(p['ours_over_peer'], 1.0)} "
                          f"| {p['max_abs_diff']:.1e} |")
     if not any("peers" in r for r in rows.values()):
-        lines.append("| | not run: `.venv-bench` is missing (`python3.11 -m bench.peers --setup`) | | | | | |")
+        lines.append("| | | not run: `.venv-bench` is missing (`python3.11 -m bench.peers --setup`) | | | | | |")
+    fidelity = [(m, r["cosine_bf16"]) for m, r in rows.items() if "cosine_bf16" in r]
+    if fidelity:
+        lines += ["", "## Ours in bfloat16: how far it moves the vectors", "",
+                  "Cosine between each item's bfloat16 and float32 vectors (`--precision=bfloat16`: Keras "
+                  "`mixed_bfloat16`, weights in float32), over every item of the run above.", "",
+                  "| encoder | mean cosine | lowest cosine |", "|---|--:|--:|"]
+        lines += [f"| {m} | {c[0]:.5f} | {c[1]:.5f} |" for m, c in fidelity]
     lines += [
         "", "How each number is measured:",
         "- **bare**: a subprocess in the product venv runs `preprocess` on every item, then `encode_batch` on the "
         "encode pipeline's own batches (the same hash shards, each in item order, text by length bucket), after "
         "one warm-up batch. bare items/s = items / (preprocess s + model s); inputs are in memory first. Ours "
-        "runs in float32.",
+        "runs in float32, and text and image once more in bfloat16 on the same batches (the `ours` column).",
         "- **pipeline**: `python -m mmfuse.pipelines.encode --modalities=M --batch_sizes=M:B --previous=none` on the "
         "FnApiRunner (in memory), as a subprocess, reading the same rows from Parquet and the media from disk. "
         f"items/s = (items - {TINY}) / (wall s - start-up s), where start-up s is the wall time of the same "

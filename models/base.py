@@ -8,7 +8,10 @@ file never fails a whole batch.
 from __future__ import annotations
 
 import abc
-from typing import Any, Sequence
+import contextlib
+import functools
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -54,6 +57,41 @@ def settle(model: Any, *examples: Any) -> None:
     """
     for example in examples:
         model.predict_on_batch(example)
+
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+@contextlib.contextmanager
+def computing_in(precision: str) -> Iterator[None]:
+    """Keras layers built inside compute in ``precision``; their weights stay float32 (Keras's mixed
+    precision, ``mixed_bfloat16``), and encoders return float32 vectors either way."""
+    import keras
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
+def with_precision(identifier: str, precision: str) -> str:
+    """An encoder's identifier for ``precision``: bfloat16 vectors are other vectors, so a change of precision
+    re-encodes instead of reusing (float32 keeps the plain identifier)."""
+    return identifier if precision == "float32" else f"{identifier}/{precision}"
+
+
+@functools.cache
+def native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this machine's CPU multiplies bfloat16 matrices natively (AMX or AVX512-BF16); elsewhere oneDNN
+    emulates them, slower than float32."""
+    try:
+        flags = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    return any(f" {flag}" in flags for flag in ("amx_bf16", "avx512_bf16"))
 
 
 class Encoder(abc.ABC):

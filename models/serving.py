@@ -6,7 +6,14 @@ its user vectors with what each user has seen, and the fallback's popular list. 
 - ``recommend(user_id (B,) string, k () int32)``: each user's top ``k`` unseen items by ``<user, item>``
   (ties: item id), with each score's per-modality contributions; a user without a vector, or one the night
   never saw, gets the popular items they have not seen, with one contribution, ``popularity``;
-- ``similar(item_id (B,) string, k () int32)``: each item's top ``k`` other items.
+- ``similar(item_id (B,) string, k () int32)``: each item's top ``k`` other items;
+- ``embed_item(text (B,) string, image (B,) string, <modality> (B, d) float32 ..., k () int32)``, when the
+  night's alignment is contrastive: new items' raw content (any subset: '' or a NaN row where absent)
+  through the night's encoders, alignment and fusion, giving their fused ``vector`` (B, D), fusion
+  ``weights`` (B, M) and their ``k`` most similar catalogue items. Text is tokenised in the graph
+  (TensorFlow Text's WordPiece, normalised as MiniLM's tokenizer does) and images are decoded, resized
+  and cropped in it, so any TensorFlow server runs it; other modalities (audio encodings, declared vector
+  columns) come as vectors.
 
 Outputs, per query: ``item_id`` (B, k) ('' past the end), ``score`` (B, k) (-inf there), ``contributions``
 (B, k, M) in ``MODALITIES`` order (NaN where the item lacks the modality), ``fallback`` (B,) bool. The
@@ -19,10 +26,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_text as tf_text
 
 POPULARITY = "popularity"
 META = "mmfuse.json"  # beside saved_model.pb, under assets/: the contributions' modality names
@@ -44,8 +52,20 @@ class Arrays(NamedTuple):
     popular_shares: np.ndarray  # (p,) float32
 
 
+class Content(NamedTuple):
+    """What ``embed_item`` runs: the night's alignment model and the encoders of its raw modalities."""
+    aligner: Any                # models.align.AlignmentModel
+    text: Any | None            # models.text.MiniLM, when the alignment has a text modality
+    vocab: list | None          # its WordPiece vocabulary, by id
+    max_tokens: int             # texts are cut to this many tokens, [CLS] and [SEP] included
+    image: Any | None           # MobileNetV2's embedding model, when the alignment has an image modality
+
+
 class Night(tf.Module):
-    def __init__(self, a: Arrays):
+    """The night's arrays as variables and lookup tables, with the signatures above (``embed_item`` given
+    ``content``)."""
+
+    def __init__(self, a: Arrays, content: Content | None = None):
         super().__init__()
         n, m = len(a.item_ids), len(a.modalities)
         self.modalities = (*a.modalities, POPULARITY)
@@ -62,6 +82,25 @@ class Night(tf.Module):
         self._items = _table(a.item_ids)
         self._users = _table(a.user_ids)
         self._n, self._m = n, m
+        if content is not None:
+            self._content(content)
+
+    def _content(self, c: Content) -> None:
+        """Adds ``embed_item``: its signature has one input per raw modality the alignment reads."""
+        # The Keras models stay out of the module's object graph (saving would retrace their own functions);
+        # their variables are tracked instead, as keras.export.ExportArchive does.
+        self._models = _Untracked(c.aligner, c.text, c.image)
+        self._model_variables = [v for m in (c.aligner, c.text, c.image) if m is not None for v in m.variables]
+        self._max_tokens = c.max_tokens
+        if c.vocab is not None:  # the table is an attribute so that it is saved with the tokenizer using it
+            self._vocab = tf.lookup.StaticVocabularyTable(tf.lookup.KeyValueTensorInitializer(
+                tf.constant(c.vocab), tf.range(len(c.vocab), dtype=tf.int64)), 1)
+            self._wordpiece = tf_text.BertTokenizer(self._vocab, lower_case=False, token_out_type=tf.int32,
+                                                   unknown_token="[UNK]")
+        self.vector_modalities = [m for m in c.aligner.dims if m not in ("text", "image")]
+        specs = [tf.TensorSpec([None], tf.string, name="text"), tf.TensorSpec([None], tf.string, name="image")]
+        specs += [tf.TensorSpec([None, c.aligner.dims[m]], tf.float32, name=m) for m in self.vector_modalities]
+        self.embed_item = tf.function(self._embed_item, input_signature=[*specs, tf.TensorSpec([], tf.int32, name="k")])
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.int32)])
     def recommend(self, user_id: tf.Tensor, k: tf.Tensor) -> dict:
@@ -94,6 +133,51 @@ class Night(tf.Module):
                 "contributions": tf.where(missing[..., None], np.nan, ranked["contributions"]),
                 "fallback": tf.zeros_like(known)}
 
+    def _embed_item(self, text: tf.Tensor, image: tf.Tensor, *rest: tf.Tensor) -> dict:
+        *vectors, k = rest
+        given = dict(zip(self.vector_modalities, vectors))
+        inputs, present = {}, []
+        aligner = self._models.aligner
+        for m in aligner.dims:
+            if m == "text":
+                ok = tf.strings.length(tf.strings.strip(text)) > 0
+                x = self._encode_text(text)
+            elif m == "image":
+                ok = tf.strings.length(image) > 0
+                x = self._models.image(tf.map_fn(_image_input, image, fn_output_signature=tf.TensorSpec([224, 224, 3])))
+            else:
+                x = given[m]
+                ok = ~tf.reduce_any(tf.math.is_nan(x), axis=1)
+            inputs[m], present = tf.where(ok[:, None], x, 0.0), [*present, ok]
+        if aligner.collaborative:  # a new item has no interactions, so no cf vector
+            inputs["cf"] = tf.zeros([tf.size(text), aligner.dim])
+            present.append(tf.zeros_like(present[0]))
+        inputs["mask"] = tf.cast(tf.stack(present, 1), tf.float32)
+        out = aligner(inputs)
+        some = tf.reduce_any(tf.stack(present, 1), axis=1)
+        vector = tf.where(some[:, None], out["fused"], np.nan)
+        nothing = tf.RaggedTensor.from_row_lengths(tf.zeros([0], tf.int64), tf.zeros([tf.size(text)], tf.int64))
+        ranked = self._ranked(out["fused"], nothing, k)
+        none = ~some[:, None]
+        return {"vector": vector, "weights": out["weights"], "item_id": tf.where(none, "", ranked["item_id"]),
+                "score": tf.where(none, -np.inf, ranked["score"]),
+                "contributions": tf.where(none[..., None], np.nan, ranked["contributions"])}
+
+    def _encode_text(self, text: tf.Tensor) -> tf.Tensor:
+        """MiniLM's vectors of raw texts: normalised as its tokenizer's BertNormalizer does (lower case, accents
+        stripped), WordPiece, cut to ``max_tokens`` with [CLS] and [SEP], packed as ``models.text.pack``."""
+        x = tf.strings.regex_replace(tf_text.normalize_utf8(tf.strings.lower(text, encoding="utf-8"), "NFD"),
+                                     r"\p{Mn}", "")
+        tokens = self._wordpiece.tokenize(x).merge_dims(1, 2)[:, :self._max_tokens - 2]
+        b = tf.size(text)
+        ids = tf.concat([tf.fill([b, 1], CLS), tokens, tf.fill([b, 1], SEP)], axis=1)
+        lengths = tf.cast(ids.row_lengths(), tf.int32)
+        filled = tf.range(tf.reduce_max(lengths))[None, :] < lengths[:, None]
+        grid = tf.where(filled, tf.reshape(tf.cumsum(tf.cast(tf.reshape(filled, [-1]), tf.int32)) - 1,
+                                           tf.shape(filled)), -1)
+        slots = tf.cast(tf.where(tf.reshape(filled, [-1]))[:, 0], tf.int32)
+        return self._models.text((ids.flat_values, slots, grid))
+
     def _ranked(self, queries: tf.Tensor, excluded: tf.RaggedTensor, k: tf.Tensor) -> dict:
         """Top ``k`` items of each query by ``<query, item>``, ``excluded`` (ragged item rows) left out."""
         scores = tf.matmul(queries, self._vectors, transpose_b=True)
@@ -124,15 +208,63 @@ class Night(tf.Module):
                         "score": tf.where(found, shares, -np.inf), "contributions": contributions}, k)
 
     def save(self, folder: str | Path) -> None:
-        tf.saved_model.save(self, str(folder), signatures={"recommend": self.recommend, "similar": self.similar,
-                                                           "serving_default": self.recommend})
+        signatures = {"recommend": self.recommend, "similar": self.similar, "serving_default": self.recommend}
+        if hasattr(self, "embed_item"):
+            signatures["embed_item"] = self.embed_item
+        tf.saved_model.save(self, str(folder), signatures=signatures)
         (Path(folder) / "assets").mkdir(exist_ok=True)
-        (Path(folder) / "assets" / META).write_text(json.dumps({"modalities": list(self.modalities)}))
+        vectors = {m: self._models.aligner.dims[m] for m in getattr(self, "vector_modalities", [])}
+        (Path(folder) / "assets" / META).write_text(json.dumps({
+            "modalities": list(self.modalities),
+            "embed_item": {"vectors": vectors, "modalities": self._models.aligner.modalities}
+            if hasattr(self, "embed_item") else None}))
 
 
-def modalities(folder: str | Path) -> list[str]:
-    """The contributions' modality names of a saved night."""
-    return json.loads((Path(folder) / "assets" / META).read_text())["modalities"]
+class _Untracked:
+    """A plain holder: what it holds is not part of a tf.Module's object graph."""
+
+    def __init__(self, aligner: Any, text: Any, image: Any):
+        self.aligner, self.text, self.image = aligner, text, image
+
+
+CLS, SEP = 101, 102  # MiniLM's [CLS] and [SEP] ids
+SIZE, CROP = 256, 224  # torchvision's Resize(256) and CenterCrop(224), as models.image.resize_crop
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _image_input(data: tf.Tensor) -> tf.Tensor:
+    """``models.image.image_input`` in the graph: decoded (transparency onto white), the shorter side resized
+    to 256 (bilinear, antialiased), the centre 224 x 224 cut and normalised; zeros for ''. Unlike Pillow it
+    does not turn a JPEG upright by its EXIF orientation tag."""
+    def jpeg() -> tf.Tensor:  # Pillow's libjpeg decodes with the accurate integer DCT
+        return tf.cast(tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"), tf.float32)
+
+    def other() -> tf.Tensor:
+        pixels = tf.cast(tf.io.decode_image(data, expand_animations=False), tf.float32)
+        channels = tf.shape(pixels)[-1]
+        alpha = tf.cond(channels % 2 == 0, lambda: pixels[..., -1:] / 255.0, lambda: tf.ones_like(pixels[..., :1]))
+        color = tf.cond(channels >= 3, lambda: pixels[..., :3], lambda: tf.tile(pixels[..., :1], [1, 1, 3]))
+        return tf.round(color * alpha + 255.0 * (1.0 - alpha))
+
+    def decode() -> tf.Tensor:
+        rgb = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+        h, w = tf.shape(rgb)[0], tf.shape(rgb)[1]
+        new_h = tf.where(w <= h, tf.cast(SIZE * h / w, tf.int32), SIZE)
+        new_w = tf.where(w <= h, SIZE, tf.cast(SIZE * w / h, tf.int32))
+        # Pillow resamples rows, rounds to 8 bits, then columns: so does this
+        wide = tf.clip_by_value(tf.round(tf.image.resize(rgb, [h, new_w], antialias=True)), 0.0, 255.0)
+        resized = tf.clip_by_value(tf.round(tf.image.resize(wide, [new_h, new_w], antialias=True)), 0.0, 255.0)
+        top = tf.cast(tf.round((new_h - CROP) / 2), tf.int32)
+        left = tf.cast(tf.round((new_w - CROP) / 2), tf.int32)
+        crop = resized[top:top + CROP, left:left + CROP] / 255.0
+        return tf.reshape((crop - MEAN) / STD, [CROP, CROP, 3])
+    return tf.cond(tf.strings.length(data) > 0, decode, lambda: tf.zeros([CROP, CROP, 3]))
+
+
+def metadata(folder: str | Path) -> dict:
+    """A saved night's ``modalities`` (the contributions' names) and ``embed_item`` (None, or the vector
+    inputs it takes: modality -> dim)."""
+    return json.loads((Path(folder) / "assets" / META).read_text())
 
 
 def _table(keys: np.ndarray) -> tf.lookup.StaticHashTable:

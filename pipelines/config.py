@@ -70,6 +70,7 @@ class EncodeConfig:
     trust_custom_models: bool
     custom_image_size: int
     accelerator: str             # Beam resource hint for the model steps; "" for none
+    precision: str               # auto, float32 or bfloat16 (resolve.precision settles auto per encoder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,7 @@ def _encode(options: PipelineOptions) -> EncodeConfig:
     return EncodeConfig(names(e.modalities), e.previous, pairs(e.batch_sizes, "--batch_sizes", int, positive=True),
                         e.text_template, e.text_max_tokens, e.audio_max_windows,
                         _custom_encoders(e.custom_encoders), e.trust_custom_models, e.custom_image_size,
-                        e.encode_accelerator)
+                        e.encode_accelerator, e.precision)
 
 
 def _align(options: PipelineOptions) -> AlignSettings:

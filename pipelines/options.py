@@ -129,6 +129,11 @@ class EncodeOptions(PipelineOptions):
         parser.add_argument("--encode_accelerator", default="",
                             help="Beam resource hint for the model steps only, e.g. "
                                  "'type:nvidia-l4;count:1;install-nvidia-driver'")
+        parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                            help="The text and image encoders' arithmetic. auto: bfloat16 for text where the "
+                                 "hardware runs it natively (an --encode_accelerator, or a CPU with AMX or "
+                                 "AVX512-BF16 where the job is launched), float32 elsewhere and for images, whose "
+                                 "vectors bfloat16 moves further (docs/encoders.md)")
 
 
 class AlignOptions(PipelineOptions):

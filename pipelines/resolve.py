@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from mmfuse.models.base import native_bfloat16
 from mmfuse.models.registry import MODALITIES, factory
 from mmfuse.pipelines.config import Config, EncodeConfig
 from mmfuse.transforms.contract import CatalogColumns, ContractError
@@ -46,8 +47,17 @@ def encoder_factory(opts: EncodeConfig, modality: str) -> Callable[[], Encoder]:
         path, pinned = custom[modality]
         settings = {"image": {"image_size": opts.custom_image_size}, "audio_mfcc": windows, "audio_musicnn": windows}
         return factory(modality, path, pinned=pinned, **settings.get(modality, {}))
-    settings = {"text": {"max_length": opts.text_max_tokens}, "audio_mfcc": windows, "audio_musicnn": windows}
+    settings = {"text": {"max_length": opts.text_max_tokens, "precision": precision(opts, "text")},
+                "image": {"precision": precision(opts, "image")}, "audio_mfcc": windows, "audio_musicnn": windows}
     return factory(modality, None, **settings.get(modality, {}))
+
+
+def precision(opts: EncodeConfig, modality: str) -> str:
+    """``--precision`` for one built-in encoder, settled where the job is launched: auto is bfloat16 for text
+    where the hardware runs it natively, float32 otherwise (images' vectors move too far: docs/encoders.md)."""
+    if opts.precision != "auto":
+        return opts.precision
+    return "bfloat16" if modality == "text" and (opts.accelerator or native_bfloat16()) else "float32"
 
 
 def check_custom_encoders(opts: EncodeConfig) -> None:

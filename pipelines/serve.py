@@ -2,22 +2,27 @@
 
     POST /v1/models/mmfuse:predict  {"signature_name": "recommend", "instances": [{"user_id": "u1", "k": 10}]}
                                     {"signature_name": "similar", "inputs": {"item_id": ["i7", "i9"], "k": 5}}
+                                    {"signature_name": "embed_item", "instances": [{"text": "...",
+                                     "image": {"b64": "..."}, "audio_mfcc": [...], "k": 5}]}
     GET  /v1/models/mmfuse          the model's status, as TF Serving gives it
     GET  /v1/models/mmfuse/metadata the signatures and the contributions' modality names
     GET  /healthz                   200 once the model is loaded
 
 Each prediction is ``{"item_id": [...], "score": [...], "contributions": [{modality: share}, ...],
-"fallback": bool}``, best first, only as many as there are (a user who has seen almost everything gets
-fewer than ``k``). A user the night never saw gets the popular items (``fallback``). Limits: request body
-size (413), instances per request and ``k`` (400), a model call's time (503); bad JSON and missing or
-ill-typed inputs get 400 with a message, a wrong bearer token 401. The HTTP stack is aiohttp's server;
-model calls run in a thread pool, so health checks answer while a batch is ranked. Memory: the exported
-night (see ``mmfuse export``) plus one (instances x items) score matrix per call in flight.
+"fallback": bool}``, best first, only as many as there are (a user who has seen almost everything gets fewer
+than ``k``); ``embed_item``'s adds the new item's ``vector`` and fusion ``weights``. A user the night never
+saw gets the popular items (``fallback``). Limits: request body size (413), instances per request and ``k``
+(400), a model call's time (503); bad JSON and missing or ill-typed inputs and undecodable images get 400
+with a message, a wrong bearer token 401. The HTTP stack is aiohttp's server; model calls run in a thread
+pool, so health checks answer while a batch is ranked. Memory: the exported night (see ``mmfuse export``)
+plus one (instances x items) score matrix per call in flight.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import hmac
 import json
 import math
@@ -27,10 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from signal import SIGINT, SIGTERM
 from typing import Any, Callable
 
+import numpy as np
 from aiohttp import web
 
 NAME = "mmfuse"
-INPUTS = {"recommend": "user_id", "similar": "item_id"}
+IDS = {"recommend": "user_id", "similar": "item_id"}  # the signatures that take ids
 
 
 class BadRequest(ValueError):
@@ -43,60 +49,104 @@ class Service:
     def __init__(self, folder: str, max_instances: int, max_k: int):
         import tensorflow as tf
 
-        from mmfuse.models.serving import modalities
-        self._tf, self._model = tf, tf.saved_model.load(folder)
-        self.modalities = modalities(folder)
+        from mmfuse.models.serving import metadata  # also registers TensorFlow Text's ops, which embed_item uses
+        self._tf, self._model, self.metadata = tf, tf.saved_model.load(folder), metadata(folder)
+        self.modalities = self.metadata["modalities"]
+        self.signatures = {**IDS, **({"embed_item": None} if self.metadata["embed_item"] else {})}
         self.max_instances, self.max_k = max_instances, max_k
 
-    def inputs(self, body: Any) -> tuple[str, list[str], int, bool]:
-        """(signature, ids, k, row format) of a predict request's JSON body."""
+    def inputs(self, body: Any) -> tuple[str, dict[str, list], int, bool]:
+        """(signature, its inputs by name as lists, k, row format) of a predict request's JSON body."""
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         signature = body.get("signature_name", "recommend")
-        if signature == "serving_default":
-            signature = "recommend"
-        if signature not in INPUTS:
-            raise BadRequest(f"unknown signature_name {signature!r}: use one of {sorted(INPUTS)}")
-        key = INPUTS[signature]
+        signature = "recommend" if signature == "serving_default" else signature
+        if signature not in self.signatures:
+            raise BadRequest(f"unknown signature_name {signature!r}: use one of {sorted(self.signatures)}")
         if ("instances" in body) == ("inputs" in body):
             raise BadRequest('give either "instances" (a list) or "inputs" (an object), not both or neither')
         if "instances" in body:
             rows = body["instances"]
-            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                raise BadRequest(f'"instances" must be a list of objects with "{key}" and "k"')
-            ids, ks = [r.get(key) for r in rows], {r.get("k", 10) for r in rows}
+            if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+                raise BadRequest('"instances" must be a non-empty list of objects')
+            ks = {r.get("k", 10) for r in rows}
             if len(ks) > 1:
                 raise BadRequest('every instance must ask for the same "k"')
-            k = ks.pop() if ks else 10
+            k, columns = ks.pop(), {name: [r.get(name) for r in rows] for name in {n for r in rows for n in r} - {"k"}}
         else:
             columns = body["inputs"]
             if not isinstance(columns, dict):
-                raise BadRequest(f'"inputs" must be an object with "{key}" (a list) and "k"')
-            ids, k = columns.get(key), columns.get("k", 10)
-            ids = [ids] if isinstance(ids, str) else ids
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            raise BadRequest(f'"{key}" must be one or more strings')
-        if len(ids) > self.max_instances:
-            raise BadRequest(f"{len(ids)} instances: at most {self.max_instances} per request")
+                raise BadRequest('"inputs" must be an object of lists and "k"')
+            k, columns = columns.get("k", 10), {n: v for n, v in columns.items() if n != "k"}
+            columns = {n: v if isinstance(v, list) else [v] for n, v in columns.items()}
+        sizes = {len(v) for v in columns.values()}
+        if len(sizes) > 1:
+            raise BadRequest("every input must list as many values")
+        if sizes and sizes.pop() > self.max_instances:
+            raise BadRequest(f"more than {self.max_instances} instances: at most {self.max_instances} per request")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_k:
             raise BadRequest(f'"k" must be an integer from 1 to {self.max_k}')
-        return signature, ids, k, "instances" in body
+        return signature, columns, k, "instances" in body
 
-    def predict(self, signature: str, ids: list[str], k: int) -> list[dict]:
+    def predict(self, signature: str, columns: dict[str, list], k: int) -> list[dict]:
         tf = self._tf
-        out = getattr(self._model, signature)(tf.constant(ids), tf.constant(k, tf.int32))
-        items, scores = out["item_id"].numpy(), out["score"].numpy()
-        contributions, fallback = out["contributions"].numpy(), out["fallback"].numpy()
+        if signature in IDS:
+            ids = columns.get(IDS[signature])
+            if not ids or not all(isinstance(i, str) for i in ids):
+                raise BadRequest(f'"{IDS[signature]}" must be one or more strings')
+            out = getattr(self._model, signature)(tf.constant(ids), tf.constant(k, tf.int32))
+        else:
+            try:
+                out = self._model.signatures["embed_item"](**self._content(columns), k=tf.constant(k, tf.int32))
+            except tf.errors.InvalidArgumentError as e:
+                raise BadRequest(f"an image could not be decoded: {e.message.splitlines()[0]}") from e
+        items, scores, contributions = out["item_id"].numpy(), out["score"].numpy(), out["contributions"].numpy()
         answers = []
-        for row in range(len(ids)):
+        for row in range(len(items)):
             found = [c for c in range(items.shape[1]) if items[row, c]]
-            answers.append({
-                "item_id": [items[row, c].decode() for c in found],
-                "score": [float(scores[row, c]) for c in found],
-                "contributions": [{m: float(v) for m, v in zip(self.modalities, contributions[row, c])
-                                   if not math.isnan(v)} for c in found],
-                "fallback": bool(fallback[row])})
+            answer = {"item_id": [items[row, c].decode() for c in found],
+                      "score": [float(scores[row, c]) for c in found],
+                      "contributions": [{m: float(v) for m, v in zip(self.modalities, contributions[row, c])
+                                         if not math.isnan(v)} for c in found]}
+            if "fallback" in out:
+                answer["fallback"] = bool(out["fallback"][row])
+            else:
+                vector = out["vector"][row].numpy()
+                answer["vector"] = None if np.isnan(vector).any() else vector.tolist()
+                answer["weights"] = {m: float(w) for m, w in zip(self.metadata["embed_item"]["modalities"],
+                                                                 out["weights"][row].numpy()) if w > 0}
+            answers.append(answer)
         return answers
+
+    def _content(self, columns: dict[str, list]) -> dict:
+        """``embed_item``'s inputs from JSON: ``text`` strings, ``image`` as ``{"b64": ...}``, each vector
+        modality as a list of floats; null or a missing key where an item lacks the modality."""
+        tf, vectors = self._tf, self.metadata["embed_item"]["vectors"]
+        unknown = set(columns) - {"text", "image", *vectors}
+        if unknown or not columns:
+            raise BadRequest(f"embed_item takes text, image and {sorted(vectors)}; got {sorted(unknown) or 'none'}")
+        n = len(next(iter(columns.values())))
+        text = columns.get("text", [None] * n)
+        if not all(t is None or isinstance(t, str) for t in text):
+            raise BadRequest('"text" must be strings (or null)')
+        images = []
+        for value in columns.get("image", [None] * n):
+            if value is not None and not (isinstance(value, dict) and isinstance(value.get("b64"), str)):
+                raise BadRequest('"image" must be {"b64": "<base64 bytes>"} (or null)')
+            try:
+                images.append(b"" if value is None else base64.b64decode(value["b64"], validate=True))
+            except binascii.Error as e:
+                raise BadRequest(f'"image" is not base64: {e}') from e
+        out = {"text": tf.constant([t or "" for t in text]), "image": tf.constant(images)}
+        for name, dim in vectors.items():
+            rows = columns.get(name, [None] * n)
+            if not all(r is None or (isinstance(r, list) and len(r) == dim
+                                     and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in r))
+                       for r in rows):
+                raise BadRequest(f'"{name}" must be lists of {dim} numbers (or null)')
+            out[name] = tf.constant(np.array([r if r is not None else [np.nan] * dim for r in rows], np.float32)
+                                    .reshape(n, dim))
+        return out
 
 
 def app(service: Service, token: str | None = None, max_request_bytes: int = 1 << 20,
@@ -127,12 +177,11 @@ def app(service: Service, token: str | None = None, max_request_bytes: int = 1 <
         except (ValueError, UnicodeDecodeError) as e:
             return error(400, f"the body is not JSON: {e}")
         try:
-            signature, ids, k, rows = service.inputs(body)
+            signature, columns, k, rows = service.inputs(body)
+            call = asyncio.get_running_loop().run_in_executor(pool, service.predict, signature, columns, k)
+            answers = await asyncio.wait_for(call, timeout_s)
         except BadRequest as e:
             return error(400, str(e))
-        call = asyncio.get_running_loop().run_in_executor(pool, service.predict, signature, ids, k)
-        try:
-            answers = await asyncio.wait_for(call, timeout_s)
         except asyncio.TimeoutError:
             return error(503, f"the model did not answer within {timeout_s} s")
         if rows:
@@ -144,9 +193,7 @@ def app(service: Service, token: str | None = None, max_request_bytes: int = 1 <
 
     async def metadata(request: web.Request) -> web.Response:
         return web.json_response({"model_spec": {"name": NAME, "version": "1"}, "metadata": {
-            "signature_def": {name: {"inputs": [key, "k"], "outputs": ["item_id", "score", "contributions",
-                                                                      "fallback"]} for name, key in INPUTS.items()},
-            "modalities": service.modalities}})
+            "signatures": sorted(service.signatures), **service.metadata}})
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

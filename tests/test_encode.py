@@ -1,4 +1,5 @@
 """The encode pipeline: bad media dead-letter one modality of one item; unchanged content is reused."""
+import dataclasses
 import io
 import shutil
 from pathlib import Path
@@ -8,10 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
 from mmfuse.models.registry import factory
 from mmfuse.pipelines import encode, nightly
+from mmfuse.pipelines.config import Config
 from tests.conftest import RUN_DATE, dataset, metrics, nightly_args
 from tests.test_image_encoder import _png_claiming
 
@@ -245,3 +248,17 @@ def test_media_roots_default_to_the_catalogs_own_folder(tmp_path):
     assert default_root(str(tmp_path / "cat" / "*.parquet")) == str(tmp_path / "cat")
     assert default_root("gs://bucket/in/catalog") == "gs://bucket/in/catalog"
     assert default_root("gs://bucket/in/catalog/part-0.parquet") == "gs://bucket/in/catalog"
+
+
+def test_auto_precision_is_bfloat16_for_text_only_where_the_hardware_runs_it(monkeypatch, tmp_path):
+    from mmfuse.models.base import native_bfloat16
+    from mmfuse.pipelines import resolve
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
+    assert native_bfloat16(str(cpuinfo)) and not native_bfloat16(str(tmp_path / "absent"))
+    opts = dataclasses.replace(Config.parse(PipelineOptions([])).encode, precision="auto")
+    for native, text in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(resolve, "native_bfloat16", lambda native=native: native)
+        assert (resolve.precision(opts, "text"), resolve.precision(opts, "image")) == (text, "float32")
+    assert resolve.precision(dataclasses.replace(opts, accelerator="type:nvidia-l4;count:1"), "text") == "bfloat16"
+    assert resolve.precision(dataclasses.replace(opts, precision="bfloat16"), "image") == "bfloat16"

@@ -1,6 +1,7 @@
 """``mmfuse export`` and ``mmfuse serve``: a night as a SavedModel, answered over HTTP as the night wrote it."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -9,19 +10,39 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from mmfuse.pipelines import export
-from tests.conftest import dataset
+from mmfuse.transforms.contract import CatalogColumns
+from mmfuse.transforms.embed import join_text
+from tests.conftest import RUN_DATE, dataset, nightly_args
 
 TOKEN = "s3cret-token"
 
 
+HELD = ("item-0001", "item-0003")  # items whose interactions the night never sees: new items, to embed
+
+
 @pytest.fixture(scope="module")
-def server(demo_night, tmp_path_factory):
-    """The demo night exported and served on a free localhost port, behind a bearer token."""
+def night(demo, tmp_path_factory) -> Path:
+    """A demo night without any interaction on the HELD items."""
+    from mmfuse.pipelines import nightly
+    tmp = tmp_path_factory.mktemp("held_out")
+    table = pq.read_table(demo["interactions"])
+    pq.write_table(table.filter(pc.invert(pc.is_in(table["item_id"], pa.array(HELD)))), tmp / "interactions.parquet")
+    assert nightly.main(nightly_args({**demo, "interactions": tmp / "interactions.parquet"}, tmp / "out")) == 0
+    return tmp / "out" / RUN_DATE
+
+
+@pytest.fixture(scope="module")
+def server(night, tmp_path_factory):
+    """That night exported and served on a free localhost port, behind a bearer token."""
     model = tmp_path_factory.mktemp("export") / "mmfuse" / "1"
-    assert export.main([f"--run={demo_night}", f"--out={model}"]) == 0
+    assert export.main([f"--run={night}", f"--out={model}"]) == 0
     env = {**os.environ, "MMFUSE_SERVE_TOKEN": TOKEN}
     proc = subprocess.Popen([Path(sys.executable).parent / "mmfuse", "serve", f"--model={model}", "--port=0",
                              "--max_request_bytes=65536", "--max_instances=64"],
@@ -55,15 +76,15 @@ def night_lists(run, name: str, query: str, item: str) -> dict:
 
 
 @pytest.mark.slow  # a nightly run, an export and a server process
-def test_recommend_over_http_gives_the_nights_lists(server, demo_night):
+def test_recommend_over_http_gives_the_nights_lists(server, night):
     base, _ = server
-    night = night_lists(demo_night, "recommendations", "user_id", "item_id")
-    users = sorted(night)[:20]
+    lists = night_lists(night, "recommendations", "user_id", "item_id")
+    users = sorted(lists)[:20]
     status, body = call(base, "/v1/models/mmfuse:predict",
                         {"signature_name": "recommend", "instances": [{"user_id": u, "k": 20} for u in users]})
     assert status == 200
     for user, got in zip(users, body["predictions"]):
-        rows = night[user]
+        rows = lists[user]
         assert got["item_id"] == [r["item_id"] for r in rows]
         assert got["score"] == pytest.approx([r["score"] for r in rows], abs=1e-5)
         for mine, row in zip(got["contributions"], rows):
@@ -71,33 +92,72 @@ def test_recommend_over_http_gives_the_nights_lists(server, demo_night):
     # columnar form, and a user the night never saw: the popular list
     status, body = call(base, "/v1/models/mmfuse:predict", {"signature_name": "recommend",
                                                             "inputs": {"user_id": ["nobody"], "k": 5}})
-    popular = sorted(dataset(demo_night, "popular").to_pylist(), key=lambda r: r["rank"])[:5]
+    popular = sorted(dataset(night, "popular").to_pylist(), key=lambda r: r["rank"])[:5]
     assert status == 200 and body["outputs"]["fallback"] == [True]
     assert body["outputs"]["item_id"] == [[r["item_id"] for r in popular]]
     assert body["outputs"]["contributions"][0][0] == {"popularity": pytest.approx(popular[0]["share"])}
 
 
 @pytest.mark.slow
-def test_similar_over_http_gives_the_nights_lists(server, demo_night):
+def test_similar_over_http_gives_the_nights_lists(server, night):
     base, _ = server
-    night = night_lists(demo_night, "similar_items", "item_id", "similar_item_id")
-    items = sorted(night)[:5]
+    lists = night_lists(night, "similar_items", "item_id", "similar_item_id")
+    items = sorted(lists)[:5]
     status, body = call(base, "/v1/models/mmfuse:predict",
                         {"signature_name": "similar", "instances": [{"item_id": i, "k": 20} for i in items]})
     assert status == 200
     for item, got in zip(items, body["predictions"]):
-        assert got["item_id"] == [r["similar_item_id"] for r in night[item]]
-        assert got["score"] == pytest.approx([r["score"] for r in night[item]], abs=1e-5)
+        assert got["item_id"] == [r["similar_item_id"] for r in lists[item]]
+        assert got["score"] == pytest.approx([r["score"] for r in lists[item]], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_embed_item_gives_a_new_items_night_vector_from_its_raw_content(server, night, demo):
+    """The held-out items have no interactions, so the night's vectors for them come from content alone: the
+    same content sent raw (text, image bytes, declared vectors) must come back as the same vectors."""
+    base, _ = server
+    catalog = {r["item_id"]: r for r in pq.read_table(demo["catalog"]).to_pylist() if r["item_id"] in HELD}
+    folder = Path(demo["catalog"]) if Path(demo["catalog"]).is_dir() else Path(demo["catalog"]).parent
+
+    def instance(row: dict) -> dict:
+        columns = CatalogColumns().text
+        out = {"text": join_text({c: row[c] for c in columns if row.get(c)}, columns), "k": 5}
+        if row["image_bytes"] or row["image_uri"]:
+            data = row["image_bytes"] or (folder / row["image_uri"]).read_bytes()
+            out["image"] = {"b64": base64.b64encode(data).decode()}
+        # audio has no in-graph encoder: its vector comes as the night encoded it
+        audio = embeddings[row["item_id"]]["audio_mfcc"]
+        return {**out, "features": row["features"], **({"audio_mfcc": audio} if audio else {})}
+    embeddings = {r["item_id"]: r for r in dataset(night, "embeddings").to_pylist()}
+    instances = [instance(catalog[i]) for i in HELD]
+    status, body = call(base, "/v1/models/mmfuse:predict", {"signature_name": "embed_item", "instances": instances})
+    assert status == 200
+    vectors = {r["item_id"]: r["vector"] for r in dataset(night, "items").to_pylist()}
+    similar = night_lists(night, "similar_items", "item_id", "similar_item_id")
+    for item, got in zip(HELD, body["predictions"]):
+        mine, theirs = np.array(got["vector"]), np.array(vectors[item])
+        assert mine @ theirs / np.linalg.norm(mine) / np.linalg.norm(theirs) >= 0.999
+        assert "cf" not in got["weights"] and {"text", "features"} <= set(got["weights"])
+        # its most similar catalogue items: itself, then the night's similar items
+        assert got["item_id"][0] == item
+        assert set(got["item_id"][1:4]) <= {r["similar_item_id"] for r in similar[item][:5]}
+    status, body = call(base, "/v1/models/mmfuse:predict", {"signature_name": "embed_item",
+                                                            "instances": [{"image": {"b64": "bm90IGFuIGltYWdl"}}]})
+    assert status == 400 and "could not be decoded" in body["error"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("body, code, says", [
     (b"{not json", 400, "not JSON"),
     ({"instances": [{"k": 3}]}, 400, "user_id"),
+    ({"instances": [{"user_id": 7}]}, 400, "user_id"),
+    ({"signature_name": "embed_item", "instances": [{"features": [1.0]}]}, 400, "16 numbers"),
+    ({"signature_name": "embed_item", "instances": [{"image": "raw"}]}, 400, "b64"),
     ({"instances": [{"user_id": "u", "k": 0}]}, 400, '"k"'),
     ({"instances": [{"user_id": "u", "k": 2}, {"user_id": "v", "k": 3}]}, 400, "same"),
     ({"signature_name": "train", "instances": []}, 400, "unknown signature_name"),
     ({"instances": [{"user_id": f"u{i}"} for i in range(65)]}, 400, "at most 64"),
+    ({"inputs": {"user_id": ["a", "b"], "x": ["c"]}}, 400, "as many"),
     (b"{" + b" " * 70_000 + b"}", 413, "larger than"),
 ])
 def test_bad_requests_get_a_4xx_with_a_reason_and_the_server_lives_on(server, body, code, says):
@@ -115,7 +175,7 @@ def test_the_bearer_token_guards_everything_but_health(server):
     status, body = call(base, "/v1/models/mmfuse")
     assert status == 200 and body["model_version_status"][0]["state"] == "AVAILABLE"
     status, body = call(base, "/v1/models/mmfuse/metadata")
-    assert status == 200 and "text" in body["metadata"]["modalities"]
+    assert status == 200 and "text" in body["metadata"]["modalities"] and "embed_item" in body["metadata"]["signatures"]
 
 
 def test_export_refuses_an_incomplete_run(tmp_path, capsys):

@@ -81,3 +81,13 @@ def test_a_huge_text_field_is_cut_before_the_tokenizer_and_encodes_the_same(enco
     cut = join_text({"title": words, "tags": ["drama"]}, ("title", "tags"), "", 256 * CHARS_PER_TOKEN)
     assert cut == words[:256 * CHARS_PER_TOKEN] + " | drama"
     assert np.allclose(encoder.encode_texts([cut])[0], encoder.encode_texts([words[:100_000]])[0], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bfloat16_vectors_stay_within_cosine_0999_of_float32(encoder):
+    texts = ["Toy Story (1995). Adventure, Animation, Children, Comedy, Fantasy", "Heat (1995). Action, Crime",
+             "A quiet nebula piece about cosmic and star. Daily space mood.", "short"]
+    half = MiniLMTextEncoder(precision="bfloat16")
+    full, low = encoder.encode_texts(texts), half.encode_texts(texts)
+    assert low.dtype == np.float32 and (full * low).sum(1).min() >= 0.999  # unit vectors: cosines
+    assert half.identifier == encoder.identifier + "/bfloat16"  # vectors of one precision are never reused as the other
