@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import importlib.util
 import json
 import multiprocessing
 import sys
@@ -421,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"mmfuse evaluate: error: unknown methods {sorted(unknown)} (these embeddings allow "
               f"{', '.join(known)})", file=sys.stderr)
+        return 2
+    if "als" in methods and importlib.util.find_spec("implicit") is None:  # fail now, not after the fits
+        print("mmfuse evaluate: error: the als baseline needs the implicit package: pip install 'mmfuse[evaluate]', "
+              "or leave als out of --methods", file=sys.stderr)
         return 2
     results = run(inter, catalog, methods, args.seed, log=lambda line: print(line, flush=True),
                   epochs=args.align_epochs, verbose=args.verbose)

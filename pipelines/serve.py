@@ -52,7 +52,7 @@ class Service:
         from mmfuse.models.serving import metadata  # also registers TensorFlow Text's ops, which embed_item uses
         self._tf, self._model, self.metadata = tf, tf.saved_model.load(folder), metadata(folder)
         self.modalities = self.metadata["modalities"]
-        self.signatures = {**IDS, **({"embed_item": None} if self.metadata["embed_item"] else {})}
+        self.signatures = (*IDS, *(["embed_item"] if self.metadata["embed_item"] else []))
         self.max_instances, self.max_k = max_instances, max_k
 
     def inputs(self, body: Any) -> tuple[str, dict[str, list], int, bool]:
@@ -69,10 +69,10 @@ class Service:
             rows = body["instances"]
             if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
                 raise BadRequest('"instances" must be a non-empty list of objects')
-            ks = {r.get("k", 10) for r in rows}
-            if len(ks) > 1:
+            k = rows[0].get("k", 10)
+            if any(r.get("k", 10) != k for r in rows):
                 raise BadRequest('every instance must ask for the same "k"')
-            k, columns = ks.pop(), {name: [r.get(name) for r in rows] for name in {n for r in rows for n in r} - {"k"}}
+            columns = {name: [r.get(name) for r in rows] for name in {n for r in rows for n in r} - {"k"}}
         else:
             columns = body["inputs"]
             if not isinstance(columns, dict):

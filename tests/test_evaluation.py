@@ -1,5 +1,6 @@
 """The evaluation protocol (docs/evaluation.md): metrics on hand-checked cases, the splits, the
 baselines, and the reference figures on MovieLens-small with posters."""
+import importlib.util
 import time
 
 import numpy as np
@@ -255,7 +256,8 @@ def test_scoring_written_lists_is_the_protocol():
 
 
 @pytest.mark.slow
-def test_method_comparison_on_every_modality_with_the_nightly_column_names(demo, demo_night, tmp_path, capsys):
+def test_method_comparison_on_every_modality_with_the_nightly_column_names(demo, demo_night, tmp_path, capsys,
+                                                                         monkeypatch):
     """The comparison reads the night's embeddings whatever modalities they hold and the inputs under their own
     column names (the nightly job's options), and marks the row the nightly defaults correspond to."""
     import json
@@ -285,6 +287,11 @@ def test_method_comparison_on_every_modality_with_the_nightly_column_names(demo,
     capsys.readouterr()
     assert evaluate.main([*args, "--methods=popular,musicnn"]) == 2
     assert "unknown methods ['musicnn']" in capsys.readouterr().err
+    # without the evaluate extra, ALS is refused before any fit runs, in one line
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "implicit" else real(name, *a))
+    assert evaluate.main([*args, "--methods=popular,als"]) == 2
+    assert "pip install 'mmfuse[evaluate]'" in capsys.readouterr().err
 
 
 def _renamed(table: pa.Table, names: dict) -> pa.Table:
