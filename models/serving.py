@@ -16,11 +16,12 @@ its user vectors with what each user has seen, and the fallback's popular list. 
   columns) come as vectors.
 
 Outputs, per query: ``item_id`` (B, k) ('' past the end), ``score`` (B, k) (-inf there), ``contributions``
-(B, k, M) in ``MODALITIES`` order (NaN where the item lacks the modality), ``fallback`` (B,) bool. The
-scores are exact products over the whole matrix, so the answers are the night's own rankings.
+(B, k, M) in the order ``metadata`` names (NaN where the item lacks the modality), ``fallback`` (B,) bool.
+The scores are exact products over the whole matrix, so the answers are the night's own rankings.
 
-Memory: the item matrix (items x dim x (1 + modalities) float32) and the user vectors (users x dim) are
-variables; a request holds (B x items) scores. Nothing here reads or writes files but ``save``.
+Memory: the item matrix (items x dim x (1 + modalities) float32), the user vectors (users x dim) and, with
+``embed_item``, the encoders' weights are variables; a request holds (B x items) scores. Nothing here
+reads or writes files but ``save``.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import tensorflow as tf
 import tensorflow_text as tf_text
 
 POPULARITY = "popularity"
-META = "mmfuse.json"  # beside saved_model.pb, under assets/: the contributions' modality names
+META = "mmfuse.json"  # under the SavedModel's assets/: what ``metadata`` reads
 
 
 class Arrays(NamedTuple):
