@@ -6,6 +6,10 @@ its user vectors with what each user has seen, and the fallback's popular list. 
 - ``recommend(user_id (B,) string, k () int32)``: each user's top ``k`` unseen items by ``<user, item>``
   (ties: item id), with each score's per-modality contributions; a user without a vector, or one the night
   never saw, gets the popular items they have not seen, with one contribution, ``popularity``;
+- ``recommend_history(item_id, timestamp (epoch seconds, float64), weight (float32, NaN: none), event
+  (B, L) each, k)``, given the night's weighting: the same for a posted history ('' item ids pad it), its
+  user vector made as the night made its users' (``transforms.users``), and a history without a usable
+  item gets the popular list;
 - ``similar(item_id (B,) string, k () int32)``: each item's top ``k`` other items;
 - ``embed_item(text (B,) string, image (B,) string, <modality> (B, d) float32 ..., k () int32)``, when the
   night's alignment is contrastive: new items' raw content (any subset: '' or a NaN row where absent)
@@ -19,8 +23,10 @@ Outputs, per query: ``item_id`` (B, k) ('' past the end), ``score`` (B, k) (-inf
 (B, k, M) in the order ``metadata`` names (NaN where the item lacks the modality), ``fallback`` (B,) bool.
 The scores are exact products over the whole matrix, so the answers are the night's own rankings.
 
-Memory: the item matrix (items x dim x (1 + modalities) float32), the user vectors (users x dim) and, with
-``embed_item``, the encoders' weights are variables; a request holds (B x items) scores. Nothing here
+Memory: the item matrix (items x dim x (1 + modalities)), the user vectors (users x dim), kept as float32,
+bfloat16 or int8 (``dtype``), and, with ``embed_item``, the encoders' weights are variables; a request holds
+(B x items) float32 scores and a float32 copy of the item matrix, and, with a last-N cut, a posted history of L
+items compares every pair of them (B x L x L). Nothing here
 reads or writes files but ``save``.
 """
 from __future__ import annotations
@@ -66,15 +72,15 @@ class Night(tf.Module):
     """The night's arrays as variables and lookup tables, with the signatures above (``embed_item`` given
     ``content``)."""
 
-    def __init__(self, a: Arrays, content: Content | None = None):
+    def __init__(self, a: Arrays, content: Content | None = None, weighting: Any = None, dtype: str = "float32"):
         super().__init__()
         n, m = len(a.item_ids), len(a.modalities)
-        self.modalities = (*a.modalities, POPULARITY)
+        self.modalities, self.dtype = (*a.modalities, POPULARITY), dtype
         self._item_ids = tf.Variable(a.item_ids.astype(object), trainable=False, dtype=tf.string)
-        self._vectors = tf.Variable(a.vectors, trainable=False)
-        self._parts = tf.Variable(a.parts, trainable=False)
+        self._vectors = _Stored(a.vectors, dtype)
+        self._parts = _Stored(a.parts, dtype)
         self._has = tf.Variable(a.has, trainable=False)
-        self._user_vectors = tf.Variable(a.user_vectors, trainable=False)
+        self._user_vectors = _Stored(a.user_vectors, dtype)
         self._personal = tf.Variable(a.personal, trainable=False)
         self._seen_splits = tf.Variable(a.seen_splits, trainable=False)
         self._seen_rows = tf.Variable(a.seen_rows, trainable=False)
@@ -83,8 +89,24 @@ class Night(tf.Module):
         self._items = _table(a.item_ids)
         self._users = _table(a.user_ids)
         self._n, self._m = n, m
+        if weighting is not None:
+            self._weighting(weighting)
         if content is not None:
             self._content(content)
+
+    def _weighting(self, w: Any) -> None:
+        """Adds ``recommend_history``, which weighs a posted history as the night weighed its users'."""
+        self._last_n, self._half_life_s, self._use_rating = int(w.last_n), float(w.half_life_s), bool(w.use_rating)
+        self._default_event, self._event_weights = float(w.default_event), None
+        if w.event_weights:  # a lookup table cannot be empty
+            self._event_weights = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+                tf.constant(list(w.event_weights), tf.string),
+                tf.constant(list(w.event_weights.values()), tf.float64)), self._default_event)
+        self.recommend_history = tf.function(self._recommend_history, input_signature=[
+            tf.TensorSpec([None, None], tf.string, name="item_id"),
+            tf.TensorSpec([None, None], tf.float64, name="timestamp"),
+            tf.TensorSpec([None, None], tf.float32, name="weight"),
+            tf.TensorSpec([None, None], tf.string, name="event"), tf.TensorSpec([], tf.int32, name="k")])
 
     def _content(self, c: Content) -> None:
         """Adds ``embed_item``: its signature has one input per raw modality the alignment reads."""
@@ -112,7 +134,36 @@ class Night(tf.Module):
         starts = tf.gather(self._seen_splits, row)
         ends = tf.where(known, tf.gather(self._seen_splits, row + 1), starts)  # an unknown user has seen nothing
         seen = tf.gather(self._seen_rows, tf.ragged.range(starts, ends))
-        users = tf.gather(self._user_vectors, row)
+        return self._answer(self._user_vectors.read(row), personal, seen, k)
+
+    def _recommend_history(self, item_id: tf.Tensor, timestamp: tf.Tensor, weight: tf.Tensor, event: tf.Tensor,
+                           k: tf.Tensor) -> dict:
+        """``transforms.users``' user vector of each posted history, ranked as ``recommend`` ranks a night's
+        user: the night's event weights, rating (``weight``, NaN for none), recency half-life from the newest
+        interaction and last-N cut (in (timestamp, item id) order). Ids the night has no vector for ('' pads
+        a history) are left out, as the night dead-letters interactions on items it does not know."""
+        rows = self._items.lookup(item_id)  # rows are in item id order
+        counted = known = rows >= 0
+        if self._last_n:
+            t_i, t_j, r_i, r_j = timestamp[:, :, None], timestamp[:, None, :], rows[:, :, None], rows[:, None, :]
+            later = ((t_j > t_i) | ((t_j == t_i) & (r_j > r_i))) & known[:, None, :]  # [b, i, j]: j after i
+            counted = known & (tf.reduce_sum(tf.cast(later, tf.int32), axis=-1) < self._last_n)
+        w = (tf.fill(tf.shape(event), tf.constant(self._default_event, tf.float64)) if self._event_weights is None
+             else self._event_weights.lookup(event))
+        if self._use_rating:
+            w *= tf.where(tf.math.is_nan(weight), tf.ones_like(w), tf.cast(weight, tf.float64))
+        if self._half_life_s:
+            newest = tf.reduce_max(tf.where(counted, timestamp, -np.inf), axis=1, keepdims=True)
+            w *= tf.pow(tf.constant(0.5, tf.float64), (newest - timestamp) / self._half_life_s)
+        w = tf.where(counted, tf.cast(w, tf.float32), 0.0)
+        total = tf.reduce_sum(tf.cast(w[..., None] * self._vectors.read(tf.maximum(rows, 0)), tf.float64), axis=1)
+        norm = tf.norm(total, axis=1)
+        personal = (norm > 1e-12) & tf.math.is_finite(norm)
+        users = tf.cast(total / tf.where(personal, norm, 1.0)[:, None], tf.float32)
+        return self._answer(users, personal, tf.ragged.boolean_mask(rows, known), k)
+
+    def _answer(self, users: tf.Tensor, personal: tf.Tensor, seen: tf.RaggedTensor, k: tf.Tensor) -> dict:
+        """Each user's ranking, or the popular list where ``personal`` is False; ``seen`` left out of both."""
         ranked = self._ranked(users, seen, k)
         popular = self._popular(seen, k)
         pick = personal[:, None]
@@ -127,7 +178,7 @@ class Night(tf.Module):
         known = rows >= 0
         row = tf.maximum(rows, 0)
         itself = tf.RaggedTensor.from_row_lengths(tf.boolean_mask(rows, known), tf.cast(known, tf.int64))
-        ranked = self._ranked(tf.gather(self._vectors, row), itself, k)
+        ranked = self._ranked(self._vectors.read(row), itself, k)
         missing = ~known[:, None]
         return {"item_id": tf.where(missing, "", ranked["item_id"]),
                 "score": tf.where(missing, -np.inf, ranked["score"]),
@@ -181,12 +232,12 @@ class Night(tf.Module):
 
     def _ranked(self, queries: tf.Tensor, excluded: tf.RaggedTensor, k: tf.Tensor) -> dict:
         """Top ``k`` items of each query by ``<query, item>``, ``excluded`` (ragged item rows) left out."""
-        scores = tf.matmul(queries, self._vectors, transpose_b=True)
+        scores = tf.matmul(queries, self._vectors.read(), transpose_b=True)
         where = tf.stack([tf.cast(excluded.value_rowids(), tf.int64), tf.cast(excluded.flat_values, tf.int64)], 1)
         scores = tf.tensor_scatter_nd_update(scores, where, tf.fill(tf.shape(where)[:1], -np.inf))
         best, rows = tf.math.top_k(scores, tf.minimum(k, self._n))  # ties: the lower row, i.e. item id
         found = best > -np.inf
-        parts = tf.gather(self._parts, rows, axis=1)                     # (M, B, k, D)
+        parts = self._parts.read(rows, axis=1)                           # (M, B, k, D)
         contributions = tf.transpose(tf.reduce_sum(parts * queries[None, :, None, :], -1), (1, 2, 0))
         contributions = tf.where(tf.gather(self._has, rows) & found[..., None], contributions, np.nan)
         contributions = tf.pad(contributions, [[0, 0], [0, 0], [0, 1]], constant_values=np.nan)
@@ -210,15 +261,39 @@ class Night(tf.Module):
 
     def save(self, folder: str | Path) -> None:
         signatures = {"recommend": self.recommend, "similar": self.similar, "serving_default": self.recommend}
-        if hasattr(self, "embed_item"):
-            signatures["embed_item"] = self.embed_item
+        for optional in ("recommend_history", "embed_item"):
+            if hasattr(self, optional):
+                signatures[optional] = getattr(self, optional)
         tf.saved_model.save(self, str(folder), signatures=signatures)
         (Path(folder) / "assets").mkdir(exist_ok=True)
         vectors = {m: self._models.aligner.dims[m] for m in getattr(self, "vector_modalities", [])}
         (Path(folder) / "assets" / META).write_text(json.dumps({
-            "modalities": list(self.modalities),
+            "modalities": list(self.modalities), "dtype": self.dtype,
+            "recommend_history": hasattr(self, "recommend_history"),
             "embed_item": {"vectors": vectors, "modalities": self._models.aligner.modalities}
             if hasattr(self, "embed_item") else None}))
+
+
+class _Stored(tf.Module):
+    """A float32 array kept as ``dtype``: float32, bfloat16 (rounded to nearest), or int8 with one scale per
+    vector (its largest magnitude maps to 127); ``read`` gives float32 back, all of it or some ``rows``."""
+
+    def __init__(self, x: np.ndarray, dtype: str):
+        super().__init__()
+        self.scale = None
+        if dtype == "int8":
+            peak = np.abs(x).max(axis=-1)
+            scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+            self.values = tf.Variable(np.round(x / scale[..., None]).astype(np.int8), trainable=False)
+            self.scale = tf.Variable(scale, trainable=False)
+        else:
+            self.values = tf.Variable(tf.cast(x, dtype), trainable=False)
+
+    def read(self, rows: tf.Tensor | None = None, axis: int = 0) -> tf.Tensor:
+        def take(v: tf.Variable) -> tf.Tensor:
+            return v if rows is None else tf.gather(v, rows, axis=axis)
+        x = tf.cast(take(self.values), tf.float32)
+        return x if self.scale is None else x * take(self.scale)[..., None]
 
 
 class _Untracked:

@@ -4,26 +4,32 @@ The SavedModel (``models.serving.Night``) answers ``recommend`` (user id, k) and
 with the night's own rankings, computed exactly in its graph from the night's ``items``, ``users`` and
 ``popular`` datasets, and (for a contrastive alignment) ``embed_item``: a new item's raw content through the
 night's encoders, alignment and fusion, to its vector and most similar items; TF Serving, Vertex AI and
-KServe load it as it is, and ``mmfuse serve`` answers the TF Serving REST API from it. Memory: the whole
-item matrix with its modality parts and every user's vector and seen items, plus the text and image encoders
-(about 100 MB), in this process and in the server.
+KServe load it as it is, and ``mmfuse serve`` answers the TF Serving REST API from it. It also answers
+``recommend_history``: a posted history weighed as the night weighed its users (``metrics.json``'s
+``weighting``). ``--dtype`` keeps the item and user matrices as bfloat16 (half the size) or int8 (a
+quarter), at the cost of rankings that can differ from the night's where scores are close. Memory: the
+whole item matrix with its modality parts and every user's vector and seen items, plus the text and image
+encoders (about 100 MB), in this process and in the server.
 
     mmfuse export --run=out/2026-06-01 --out=models/mmfuse/1
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
 
 from mmfuse.transforms.artifacts import fetched, publish
 from mmfuse.transforms.contract import ContractError
 from mmfuse.transforms.parquet import read_dataset
-from mmfuse.transforms.runs import is_complete
+from mmfuse.transforms.runs import METRICS, is_complete
+from mmfuse.transforms.users import Weighting
 
 if TYPE_CHECKING:  # TensorFlow loads once the command line is parsed
     from mmfuse.models.serving import Arrays, Content
@@ -61,6 +67,16 @@ def arrays(run_dir: str) -> Arrays:
                   np.array(popular["share"].to_pylist(), np.float32))
 
 
+def weighting(run_dir: str) -> Weighting:
+    """How the night weighed interactions in its user vectors, from its ``metrics.json``."""
+    with FileSystems.open(f"{run_dir.rstrip('/')}/{METRICS}") as f:
+        recorded = json.loads(f.read()).get("weighting")
+    if recorded is None:
+        raise ContractError(f"{run_dir}/{METRICS} does not say how the night weighed interactions: "
+                            "rerun the night with this version")
+    return Weighting(**recorded)
+
+
 def content(run_dir: str, max_tokens: int) -> Content | None:
     """What ``embed_item`` needs from the night: its contrastive alignment and the built-in encoders of its
     text and image modalities (None for a PCA alignment, which has no model to run new items through)."""
@@ -89,25 +105,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="The SavedModel's folder, local or gs:// (for TF Serving: MODEL/<version>)")
     parser.add_argument("--text_max_tokens", type=int, default=256,
                         help="embed_item cuts texts to this many tokens: the night's own --text_max_tokens")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
+                        help="How the item and user matrices are kept: bfloat16 halves them, int8 (one scale per "
+                             "vector) quarters them; scores are computed in float32 either way")
     parser.add_argument("--verbose", action="store_true", help="Show the libraries' log lines")
     args = parser.parse_args(argv)
     if not is_complete(args.run):
         print(f"mmfuse export: error: {args.run} is not a complete run (no _SUCCESS)", file=sys.stderr)
         return 2
     try:
-        night, new_items = arrays(args.run), content(args.run, args.text_max_tokens)
+        night, weights, new_items = arrays(args.run), weighting(args.run), content(args.run, args.text_max_tokens)
     except (ContractError, KeyError, OSError, pa.ArrowException) as e:
         print(f"mmfuse export: error: {e}", file=sys.stderr)
         return 2
     from mmfuse.models.serving import Night
+    model = Night(night, new_items, weights, args.dtype)
     if "://" in args.out:  # TensorFlow writes local folders; the copy goes wherever Beam's FileSystems reach
         with tempfile.TemporaryDirectory(prefix="mmfuse-export-") as local:
-            Night(night, new_items).save(local)
+            model.save(local)
             publish(local, args.out)
     else:
-        Night(night, new_items).save(args.out)
-    print(f"mmfuse export: wrote {args.out} ({len(night.item_ids)} items, {len(night.user_ids)} users; "
-          f"signatures recommend, similar{', embed_item' if new_items else ''})")
+        model.save(args.out)
+    print(f"mmfuse export: wrote {args.out} ({len(night.item_ids)} items, {len(night.user_ids)} users, {args.dtype}; "
+          f"signatures recommend, recommend_history, similar{', embed_item' if new_items else ''})")
     return 0
 
 

@@ -20,6 +20,7 @@ seen every item, or an item alone in the catalogue, gets no rows and a dead lett
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Iterator
 
 import apache_beam as beam
@@ -54,6 +55,7 @@ POPULAR = pa.schema([("rank", pa.int32()), ("item_id", pa.string()), ("share", p
 def recommend(job: Job, o: RecommendConfig, items: beam.PCollection, interactions: beam.PCollection) -> dict:
     """Write ``users``, ``recommendations`` and ``similar_items`` from fused items and interactions; returns
     the rankings ``(user, Ranked)``: ``personal`` (top-k of user vectors) and ``all`` (with the fallback's)."""
+    job.report["weighting"] = dataclasses.asdict(o.weighting)  # how user vectors were made: a served night redoes it
     users = {"interactions": interactions, "items": items} | "UserVectors" >> UserVectors(o.weighting)
     personal, fallback = users | "Fallback?" >> beam.Partition(lambda u, _: int(u["fallback"]), 2)
     job.count("users", "users", personal=personal, fallback=fallback)

@@ -1,6 +1,8 @@
 """``mmfuse serve --model=DIR``: the TF Serving REST API over an exported night (``mmfuse export``).
 
     POST /v1/models/mmfuse:predict  {"signature_name": "recommend", "instances": [{"user_id": "u1", "k": 10}]}
+                                    {"signature_name": "recommend", "instances": [{"history": [{"item_id": "i7",
+                                     "timestamp": 1767225600, "weight": 4.5, "event": "view"}], "k": 10}]}
                                     {"signature_name": "similar", "inputs": {"item_id": ["i7", "i9"], "k": 5}}
                                     {"signature_name": "embed_item", "instances": [{"text": "...",
                                      "image": {"b64": "..."}, "audio_mfcc": [...], "k": 5}]}
@@ -11,11 +13,14 @@
 Each prediction is ``{"item_id": [...], "score": [...], "contributions": [{modality: share}, ...],
 "fallback": bool}``, best first, only as many as there are (a user who has seen almost everything gets fewer
 than ``k``); ``embed_item``'s adds the new item's ``vector`` and fusion ``weights``. A user the night never
-saw gets the popular items (``fallback``). Limits: request body size (413), instances per request and ``k``
-(400), a model call's time (503); bad JSON and missing or ill-typed inputs and undecodable images get 400
-with a message, a wrong bearer token 401. The HTTP stack is aiohttp's server; model calls run in a thread
-pool, so health checks answer while a batch is ranked. Memory: the exported night (see ``mmfuse export``)
-plus one (instances x items) score matrix per call in flight.
+saw gets the popular items (``fallback``). ``recommend`` also takes a ``history`` in place of ``user_id``:
+the user's interactions (``timestamp`` as integer epoch seconds or ISO-8601; ``weight``, e.g. the rating,
+and ``event`` optional), weighed as the night weighed its users; at most ``--max_history`` per instance.
+Limits: request body size (413), instances per request and ``k`` (400), a model call's time (503); bad JSON
+and missing or ill-typed inputs and undecodable images get 400 with a message, a wrong bearer token 401. The
+HTTP stack is aiohttp's server; model calls run in a thread pool, so health checks answer while a batch is
+ranked. Memory: the exported night (see ``mmfuse export``) plus one (instances x items) score matrix per call
+in flight.
 """
 from __future__ import annotations
 
@@ -46,14 +51,14 @@ class BadRequest(ValueError):
 class Service:
     """The loaded SavedModel, called with checked inputs; knows nothing of HTTP."""
 
-    def __init__(self, folder: str, max_instances: int, max_k: int):
+    def __init__(self, folder: str, max_instances: int, max_k: int, max_history: int = 1000):
         import tensorflow as tf
 
         from mmfuse.models.serving import metadata  # also registers TensorFlow Text's ops, which embed_item uses
         self._tf, self._model, self.metadata = tf, tf.saved_model.load(folder), metadata(folder)
         self.modalities = self.metadata["modalities"]
         self.signatures = (*IDS, *(["embed_item"] if self.metadata["embed_item"] else []))
-        self.max_instances, self.max_k = max_instances, max_k
+        self.max_instances, self.max_k, self.max_history = max_instances, max_k, max_history
 
     def inputs(self, body: Any) -> tuple[str, dict[str, list], int, bool]:
         """(signature, its inputs by name as lists, k, row format) of a predict request's JSON body."""
@@ -90,7 +95,9 @@ class Service:
 
     def predict(self, signature: str, columns: dict[str, list], k: int) -> list[dict]:
         tf = self._tf
-        if signature in IDS:
+        if signature == "recommend" and "history" in columns and self.metadata.get("recommend_history"):
+            out = self._model.recommend_history(*self._history(columns), tf.constant(k, tf.int32))
+        elif signature in IDS:
             ids = columns.get(IDS[signature])
             if not ids or not all(isinstance(i, str) for i in ids):
                 raise BadRequest(f'"{IDS[signature]}" must be one or more strings')
@@ -117,6 +124,39 @@ class Service:
                                                                  out["weights"][row].numpy()) if w > 0}
             answers.append(answer)
         return answers
+
+    def _history(self, columns: dict[str, list]) -> list:
+        """``recommend_history``'s inputs from JSON: each instance's ``history``, a list of objects with
+        ``item_id``, ``timestamp`` and optional ``weight`` and ``event``, padded to the longest."""
+        from mmfuse.transforms.contract import Invalid, as_utc
+        if set(columns) != {"history"}:
+            raise BadRequest('give either "user_id" or "history" in every instance, not both')
+        histories = columns["history"]
+        if not all(isinstance(h, list) and all(isinstance(e, dict) for e in h) for h in histories):
+            raise BadRequest('"history" must be a list of {"item_id", "timestamp", "weight", "event"} objects')
+        width = max(1, *(len(h) for h in histories))
+        if width > self.max_history:
+            raise BadRequest(f"a history of more than {self.max_history} interactions: at most {self.max_history}")
+        n = len(histories)
+        ids, events = np.full((n, width), "", object), np.full((n, width), "", object)
+        times, weights = np.zeros((n, width)), np.full((n, width), np.nan, np.float32)
+        for r, history in enumerate(histories):
+            for c, e in enumerate(history):
+                item, weight, event = e.get("item_id"), e.get("weight"), e.get("event")
+                if not isinstance(item, str) or not item:
+                    raise BadRequest('every history entry needs an "item_id" string')
+                if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+                    raise BadRequest('a history entry\'s "weight" must be a number (or null)')
+                if event is not None and not isinstance(event, str):
+                    raise BadRequest('a history entry\'s "event" must be a string (or null)')
+                try:
+                    times[r, c] = as_utc(e.get("timestamp"), "timestamp").timestamp()
+                except Invalid as x:
+                    raise BadRequest(f"a history entry's {x}") from x
+                ids[r, c], events[r, c] = item, event or ""
+                weights[r, c] = np.nan if weight is None else weight
+        tf = self._tf
+        return [tf.constant(ids), tf.constant(times), tf.constant(weights), tf.constant(events)]
 
     def _content(self, columns: dict[str, list]) -> dict:
         """``embed_item``'s inputs from JSON: ``text`` strings, ``image`` as ``{"b64": ...}``, each vector
@@ -220,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_request_bytes", type=int, default=1 << 20, help="Largest request body (413 above)")
     parser.add_argument("--max_instances", type=int, default=256, help="Most queries in one request")
     parser.add_argument("--max_k", type=int, default=1000, help="Largest k a request may ask for")
+    parser.add_argument("--max_history", type=int, default=1000,
+                        help="Most interactions in one posted history (recommend with a history)")
     parser.add_argument("--timeout_s", type=float, default=10.0, help="Longest a model call may take (503 after)")
     parser.add_argument("--threads", type=int, default=4, help="Model calls in flight at once")
     parser.add_argument("--verbose", action="store_true", help="Show the libraries' log lines and each request")
@@ -228,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmfuse serve: error: {args.model} holds no SavedModel (write one with mmfuse export)",
               file=sys.stderr)
         return 2
-    service = Service(args.model, args.max_instances, args.max_k)
+    service = Service(args.model, args.max_instances, args.max_k, args.max_history)
     application = app(service, os.environ.get(args.token_env) or None, args.max_request_bytes, args.timeout_s,
                       args.threads)
 
