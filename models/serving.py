@@ -232,7 +232,7 @@ class Night(tf.Module):
 
     def _ranked(self, queries: tf.Tensor, excluded: tf.RaggedTensor, k: tf.Tensor) -> dict:
         """Top ``k`` items of each query by ``<query, item>``, ``excluded`` (ragged item rows) left out."""
-        scores = tf.matmul(queries, self._vectors.read(), transpose_b=True)
+        scores = self._vectors.products(queries)
         where = tf.stack([tf.cast(excluded.value_rowids(), tf.int64), tf.cast(excluded.flat_values, tf.int64)], 1)
         scores = tf.tensor_scatter_nd_update(scores, where, tf.fill(tf.shape(where)[:1], -np.inf))
         best, rows = tf.math.top_k(scores, tf.minimum(k, self._n))  # ties: the lower row, i.e. item id
@@ -288,6 +288,11 @@ class _Stored(tf.Module):
             self.scale = tf.Variable(scale, trainable=False)
         else:
             self.values = tf.Variable(tf.cast(x, dtype), trainable=False)
+
+    def products(self, queries: tf.Tensor) -> tf.Tensor:
+        """``queries @ array.T`` (a 2-D array): int8's scales apply to the products, not to the whole array."""
+        products = tf.matmul(queries, tf.cast(self.values, tf.float32), transpose_b=True)
+        return products if self.scale is None else products * self.scale[None, :]
 
     def read(self, rows: tf.Tensor | None = None, axis: int = 0) -> tf.Tensor:
         def take(v: tf.Variable) -> tf.Tensor:
