@@ -107,6 +107,15 @@ def our_batches(item_ids: list[str], inputs: list, size: int, width: int) -> lis
     return [[key[1] for key, _ in batch] for s in sorted(shards) for batch in cut(shards[s], size, width)]
 
 
+def encode_all(encoder, inputs: list, batches: list[list[int]]) -> tuple[np.ndarray, float]:
+    """Every input's vector, encoded in ``batches``, and the seconds that took."""
+    vectors = np.zeros((len(inputs), encoder.dim), np.float32)
+    start = time.perf_counter()
+    for batch in batches:
+        vectors[batch] = encoder.encode_batch([inputs[i] for i in batch])
+    return vectors, time.perf_counter() - start
+
+
 def bare(modality: str, work: Path) -> dict:
     """Preprocess every item, then encode_batch the pipeline's own batches, in this process, after one
     warm-up batch (the model's build and traces: the pipeline pays them in its start-up run). Leaves the
@@ -120,19 +129,11 @@ def bare(modality: str, work: Path) -> dict:
     inputs = [encoder.preprocess(r) for r in raws]
     result = {"items": len(raws), "preprocess_s": time.perf_counter() - start}
     batches = our_batches(item_ids, inputs, size, encoder.length_bucket)
-    vectors = np.zeros((len(inputs), encoder.dim), np.float32)
-    start = time.perf_counter()
-    for batch in batches:
-        vectors[batch] = encoder.encode_batch([inputs[i] for i in batch])
-    result["model_s"] = time.perf_counter() - start
+    vectors, result["model_s"] = encode_all(encoder, inputs, batches)
     if modality in PEERS:  # the same batches computed in bfloat16, and how far that moves the vectors
         half = factory(modality, precision="bfloat16")()
         half.encode_batch([inputs[i] for i in batches[0]])
-        low = np.zeros_like(vectors)
-        start = time.perf_counter()
-        for batch in batches:
-            low[batch] = half.encode_batch([inputs[i] for i in batch])
-        result["model_s_bf16"] = time.perf_counter() - start
+        low, result["model_s_bf16"] = encode_all(half, inputs, batches)
         cosine = (vectors * low).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(low, axis=1)
         result |= {"cosine_bf16_mean": float(cosine.mean()), "cosine_bf16_min": float(cosine.min())}
     np.save(work / "ours.npy", vectors[:CHECK])

@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--movielens", help="holds ml-latest-small/ and posters/ (default: $MMFUSE_DATA/movielens)")
     parser.add_argument("--work", default="demo/movielens-eval", help="where the converted data and runs go")
     parser.add_argument("--methods", default="all", help="as mmfuse evaluate's")
-    parser.add_argument("--doc", default="docs/evaluation.md", help="whose movielens-results section is rewritten")
+    parser.add_argument("--doc", default="docs/evaluation.md",
+                        help="whose movielens-results section is rewritten ('none': no page)")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                        help="the text and image encoders' precision (mmfuse encode --precision)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     paths = movielens.convert(args.movielens or datasets.root() / "movielens", work / "data", posters_only=True)
@@ -39,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     if not is_complete(str(run)):
         assert encode.main([f"--catalog={paths['catalog']}", f"--output={work / 'run'}", f"--run_date={RUN_DATE}",
                             f"--media_roots={paths['media']}",
-                            "--modalities=text,image", "--previous=none"]) == 0
+                            "--modalities=text,image", "--previous=none", f"--precision={args.precision}"]) == 0
     code = evaluate.main([f"--catalog={paths['catalog']}", f"--interactions={paths['interactions']}",
                           f"--embeddings={run}", f"--output={work}", f"--methods={args.methods}"])
-    if code == 0:
+    if code == 0 and args.doc != "none":
         command = shlex.join(["python", "-m", "examples.movielens_eval", *(argv if argv is not None else sys.argv[1:])])
         body = ((work / "evaluation.md").read_text()
                 + f"\nProduced by `{command}` on {datetime.date.today().isoformat()} ({os.cpu_count()} shared CPU "

@@ -93,7 +93,7 @@ class AlignmentModel(keras.Model):
         if self.collaborative:
             vectors.append(ops.cast(inputs[CF], "float32"))
         aligned = ops.stack(vectors, axis=1)
-        aligned = aligned / ops.maximum(ops.sqrt(ops.sum(aligned * aligned, axis=-1, keepdims=True)), 1e-12)
+        aligned = aligned / ops.sqrt(ops.maximum(ops.sum(aligned * aligned, axis=-1, keepdims=True), 1e-24))
         aligned = aligned * mask[..., None]
         if self.fusion == "attention":
             logits = ops.squeeze(self.gate(aligned), -1) + self.gate_bias
@@ -134,7 +134,7 @@ class AlignmentModel(keras.Model):
         history = x["history"]
         taken = ops.cast(history >= 0, "float32")
         users = ops.sum(ops.take(fused, ops.maximum(history, 0), axis=0) * taken[..., None], axis=1)
-        users = users / ops.maximum(ops.sqrt(ops.sum(users * users, axis=-1, keepdims=True)), 1e-12)
+        users = users / ops.sqrt(ops.maximum(ops.sum(users * users, axis=-1, keepdims=True), 1e-24))
         # (B,) row of each user's next item, scored against every real item of the step: close to the whole
         # catalogue, so popular items are not over-used as negatives the way
         # in-batch targets alone would use them.

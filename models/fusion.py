@@ -21,7 +21,7 @@ def fuse(aligned: Any, mask: Any, logits: Any) -> tuple[Any, Any, Any]:
     weights = ops.exp(logits - ops.max(logits, axis=-1, keepdims=True)) * mask  # softmax over present ones
     weights = weights / ops.maximum(ops.sum(weights, axis=-1, keepdims=True), 1e-12)
     raw = ops.sum(weights[..., None] * aligned, axis=1)
-    norm = ops.maximum(ops.sqrt(ops.sum(raw * raw, axis=-1, keepdims=True)), 1e-12)
+    norm = ops.sqrt(ops.maximum(ops.sum(raw * raw, axis=-1, keepdims=True), 1e-24))
     return raw / norm, weights, weights[..., None] * aligned / norm[:, None, :]
 
 

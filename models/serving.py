@@ -196,7 +196,11 @@ class Night(tf.Module):
                 x = self._encode_text(text)
             elif m == "image":
                 ok = tf.strings.length(image) > 0
-                x = self._models.image(tf.map_fn(_image_input, image, fn_output_signature=tf.TensorSpec([224, 224, 3])))
+                given_rows = tf.where(ok)  # the image model runs on the items that have an image, only
+                pixels = tf.map_fn(_image_input, tf.gather_nd(image, given_rows),
+                                   fn_output_signature=tf.TensorSpec([CROP, CROP, 3]))
+                found = self._models.image(pixels)
+                x = tf.scatter_nd(given_rows, found, tf.cast(tf.stack([tf.size(image), tf.shape(found)[1]]), tf.int64))
             else:
                 x = given[m]
                 ok = ~tf.reduce_any(tf.math.is_nan(x), axis=1)
@@ -315,8 +319,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def _image_input(data: tf.Tensor) -> tf.Tensor:
     """``models.image.image_input`` in the graph: decoded (transparency onto white), the shorter side resized
-    to 256 (bilinear, antialiased), the centre 224 x 224 cut and normalised; zeros for ''. Unlike Pillow it
-    does not turn a JPEG upright by its EXIF orientation tag."""
+    to 256 (bilinear, antialiased), the centre 224 x 224 cut and normalised. Unlike Pillow it does not turn a
+    JPEG upright by its EXIF orientation tag."""
     def jpeg() -> tf.Tensor:  # Pillow's libjpeg decodes with the accurate integer DCT
         return tf.cast(tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"), tf.float32)
 
@@ -327,19 +331,17 @@ def _image_input(data: tf.Tensor) -> tf.Tensor:
         color = tf.cond(channels >= 3, lambda: pixels[..., :3], lambda: tf.tile(pixels[..., :1], [1, 1, 3]))
         return tf.round(color * alpha + 255.0 * (1.0 - alpha))
 
-    def decode() -> tf.Tensor:
-        rgb = tf.cond(tf.io.is_jpeg(data), jpeg, other)
-        h, w = tf.shape(rgb)[0], tf.shape(rgb)[1]
-        new_h = tf.where(w <= h, tf.cast(SIZE * h / w, tf.int32), SIZE)
-        new_w = tf.where(w <= h, SIZE, tf.cast(SIZE * w / h, tf.int32))
-        # Pillow resamples rows, rounds to 8 bits, then columns: so does this
-        wide = tf.clip_by_value(tf.round(tf.image.resize(rgb, [h, new_w], antialias=True)), 0.0, 255.0)
-        resized = tf.clip_by_value(tf.round(tf.image.resize(wide, [new_h, new_w], antialias=True)), 0.0, 255.0)
-        top = tf.cast(tf.round((new_h - CROP) / 2), tf.int32)
-        left = tf.cast(tf.round((new_w - CROP) / 2), tf.int32)
-        crop = resized[top:top + CROP, left:left + CROP] / 255.0
-        return tf.reshape((crop - MEAN) / STD, [CROP, CROP, 3])
-    return tf.cond(tf.strings.length(data) > 0, decode, lambda: tf.zeros([CROP, CROP, 3]))
+    rgb = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    h, w = tf.shape(rgb)[0], tf.shape(rgb)[1]
+    new_h = tf.where(w <= h, tf.cast(SIZE * h / w, tf.int32), SIZE)
+    new_w = tf.where(w <= h, SIZE, tf.cast(SIZE * w / h, tf.int32))
+    # Pillow resamples rows, rounds to 8 bits, then columns: so does this
+    wide = tf.clip_by_value(tf.round(tf.image.resize(rgb, [h, new_w], antialias=True)), 0.0, 255.0)
+    resized = tf.clip_by_value(tf.round(tf.image.resize(wide, [new_h, new_w], antialias=True)), 0.0, 255.0)
+    top = tf.cast(tf.round((new_h - CROP) / 2), tf.int32)
+    left = tf.cast(tf.round((new_w - CROP) / 2), tf.int32)
+    crop = resized[top:top + CROP, left:left + CROP] / 255.0
+    return tf.reshape((crop - MEAN) / STD, [CROP, CROP, 3])
 
 
 def metadata(folder: str | Path) -> dict:

@@ -17,6 +17,16 @@ STAGES = {
 }
 
 
+def incomplete(stage: str, run: str) -> bool:
+    """True, after the CLI's one error line, when ``run`` is not a complete run: a run still being written,
+    or one that died, is never read."""
+    from mmfuse.transforms.runs import is_complete
+    if is_complete(run):
+        return False
+    print(f"mmfuse {stage}: error: {run} is not a complete run (no _SUCCESS)", file=sys.stderr)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--version"]:

@@ -24,6 +24,7 @@ import dataclasses
 import importlib.util
 import json
 import multiprocessing
+import os
 import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -37,10 +38,10 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from mmfuse.models import evaluation as ev
+from mmfuse.pipelines.cli import incomplete
 from mmfuse.runners import process
 from mmfuse.transforms.contract import CatalogColumns, InteractionColumns
 from mmfuse.transforms.parquet import read_dataset
-from mmfuse.transforms.runs import is_complete
 from mmfuse.transforms.summary import head_threshold
 
 if TYPE_CHECKING:  # Keras loads in the functions that fit, after the command line is parsed
@@ -183,7 +184,8 @@ def run(inter: ev.Interactions, catalog: align.Catalog, methods: Sequence[str] |
                          "cold_test": len(cold_test), "cold_items": len(held_out)}, "seed": seed}
     fitted = {*(m for m in methods if m in FITTED), *([DEFAULT] if "prior" in methods else [])}
     context = multiprocessing.get_context("spawn")  # a fork would copy this process's TensorFlow state
-    with ProcessPoolExecutor(processes, context, initializer=process.quiet_console, initargs=(verbose,)) as pool:
+    threads = max(1, len(os.sched_getaffinity(0)) // processes)
+    with ProcessPoolExecutor(processes, context, initializer=_worker, initargs=(verbose, threads)) as pool:
         vectors = {name: {method: pool.submit(_timed, method, split_catalog, catalog,
                                               dataclasses.replace(split, score=None), seed, epochs)
                           for method in sorted(fitted)}
@@ -192,6 +194,13 @@ def run(inter: ev.Interactions, catalog: align.Catalog, methods: Sequence[str] |
             _score_split(name, split, split_catalog, _Fitted(split, split_catalog, catalog, seed, vectors[name]),
                          methods, seed, results, log)
     return results
+
+
+def _worker(verbose: bool, threads: int) -> None:
+    """A fit worker: quiet, and on its share of the cores (TensorFlow reads the thread count when it loads,
+    after this), so that the workers' thread pools do not crowd each other out."""
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+    process.quiet_console(verbose)
 
 
 def _score_split(name: str, split: Split, split_catalog: align.Catalog, vectors: _Fitted, methods: Sequence[str],
@@ -406,8 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"mmfuse evaluate: error: missing {' '.join(missing)} (or --run and --holdout)", file=sys.stderr)
         return 2
-    if not is_complete(args.embeddings):  # a run still being written, or one that died: never read half a night
-        print(f"mmfuse evaluate: error: {args.embeddings} is not a complete run (no _SUCCESS)", file=sys.stderr)
+    if incomplete("evaluate", args.embeddings):
         return 2
     try:
         inter, catalog = load(args.catalog, args.interactions, args.embeddings, args.item_id_column,
@@ -441,8 +449,7 @@ def _main_run(args: argparse.Namespace, columns: InteractionColumns) -> int:
     if not args.holdout:
         print("mmfuse evaluate: error: --run needs --holdout", file=sys.stderr)
         return 2
-    if not is_complete(args.run):
-        print(f"mmfuse evaluate: error: {args.run} is not a complete run (no _SUCCESS)", file=sys.stderr)
+    if incomplete("evaluate", args.run):
         return 2
     try:
         result = score_run(args.run, args.holdout, columns, args.interactions)

@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from mmfuse.models.ranking import because
+from mmfuse.pipelines.cli import incomplete
 from mmfuse.transforms.contract import ContractError
 from mmfuse.transforms.parquet import list_files, read_dataset, read_files
-from mmfuse.transforms.runs import is_complete
 
 BECAUSE = 3  # history items named per recommendation
 
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="Print JSON instead of text")
     parser.add_argument("--verbose", action="store_true", help="Show the libraries' log lines")
     args = parser.parse_args(argv)
-    if not is_complete(args.run):
-        print(f"mmfuse explain: error: {args.run} is not a complete run (no _SUCCESS)", file=sys.stderr)
+    if incomplete("explain", args.run):
         return 2
     try:
         explained = explain(args.run, args.user, args.because)

@@ -25,10 +25,11 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
+from mmfuse.pipelines.cli import incomplete
 from mmfuse.transforms.artifacts import fetched, publish
 from mmfuse.transforms.contract import ContractError
 from mmfuse.transforms.parquet import read_dataset
-from mmfuse.transforms.runs import METRICS, is_complete
+from mmfuse.transforms.runs import METRICS
 from mmfuse.transforms.users import Weighting
 
 if TYPE_CHECKING:  # TensorFlow loads once the command line is parsed
@@ -110,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                              "vector) quarters them; scores are computed in float32 either way")
     parser.add_argument("--verbose", action="store_true", help="Show the libraries' log lines")
     args = parser.parse_args(argv)
-    if not is_complete(args.run):
-        print(f"mmfuse export: error: {args.run} is not a complete run (no _SUCCESS)", file=sys.stderr)
+    if incomplete("export", args.run):
         return 2
     try:
         night, weights, new_items = arrays(args.run), weighting(args.run), content(args.run, args.text_max_tokens)
