@@ -23,11 +23,10 @@ Outputs, per query: ``item_id`` (B, k) ('' past the end), ``score`` (B, k) (-inf
 (B, k, M) in the order ``metadata`` names (NaN where the item lacks the modality), ``fallback`` (B,) bool.
 The scores are exact products over the whole matrix, so the answers are the night's own rankings.
 
-Memory: the item matrix (items x dim x (1 + modalities)), the user vectors (users x dim), kept as float32,
+Memory: the item matrix (items x dim x (1 + modalities)) and the user vectors (users x dim), kept as float32,
 bfloat16 or int8 (``dtype``), and, with ``embed_item``, the encoders' weights are variables; a request holds
-(B x items) float32 scores and a float32 copy of the item matrix, and, with a last-N cut, a posted history of L
-items compares every pair of them (B x L x L). Nothing here
-reads or writes files but ``save``.
+(B x items) float32 scores and a float32 copy of the item matrix, and, with a last-N cut, a posted history
+of L items compares every pair of them (B x L x L). Nothing here reads or writes files but ``save``.
 """
 from __future__ import annotations
 
@@ -69,8 +68,8 @@ class Content(NamedTuple):
 
 
 class Night(tf.Module):
-    """The night's arrays as variables and lookup tables, with the signatures above (``embed_item`` given
-    ``content``)."""
+    """The night's arrays as variables and lookup tables, with the signatures above (``recommend_history``
+    given the night's ``weighting``, a ``transforms.users.Weighting``; ``embed_item`` given ``content``)."""
 
     def __init__(self, a: Arrays, content: Content | None = None, weighting: Any = None, dtype: str = "float32"):
         super().__init__()

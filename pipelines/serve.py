@@ -95,7 +95,9 @@ class Service:
 
     def predict(self, signature: str, columns: dict[str, list], k: int) -> list[dict]:
         tf = self._tf
-        if signature == "recommend" and "history" in columns and self.metadata.get("recommend_history"):
+        if signature == "recommend" and "history" in columns:
+            if not self.metadata.get("recommend_history"):
+                raise BadRequest("this model cannot weigh a posted history: export the night again")
             out = self._model.recommend_history(*self._history(columns), tf.constant(k, tf.int32))
         elif signature in IDS:
             ids = columns.get(IDS[signature])
