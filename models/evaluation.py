@@ -153,18 +153,20 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
-def _evaluate(score: Callable[[np.ndarray], np.ndarray], truth: sp.csr_matrix, seen: sp.csr_matrix | None,
-              columns: np.ndarray | None, batch_size: int) -> dict[str, float]:
-    """Recall, NDCG and coverage over the users with test items, ranking ``columns`` (default all) with
-    ``seen`` items removed. A -inf or NaN score means "not recommended": both sort last (numpy puts NaN
-    at the end), and such a slot is never a hit nor covered."""
+def user_figures(scores: Scores, truth: sp.csr_matrix, seen: sp.csr_matrix | None = None,
+                 columns: np.ndarray | None = None, batch_size: int = 256) -> tuple[dict[str, np.ndarray], float]:
+    """Recall and NDCG at each of KS for every user with test items (``truth`` rows, in user order), ranking
+    ``columns`` (default all) with ``seen`` items removed, and coverage at the largest k. A -inf or NaN score
+    means "not recommended": both sort last (numpy puts NaN at the end), and such a slot is never a hit nor
+    covered."""
+    score = _as_scorer(scores)
     if columns is not None:
         truth = truth[:, columns]
     users = np.flatnonzero(np.diff(truth.indptr))
     k_max = min(max(KS), truth.shape[1])
     discount = 1.0 / np.log2(np.arange(2, k_max + 2))
     ideal = np.cumsum(discount)
-    sums = dict.fromkeys([f"{m}@{k}" for m in ("recall", "ndcg") for k in KS], 0.0)
+    figures: dict[str, list] = {f"{m}@{k}": [] for m in ("recall", "ndcg") for k in KS}
     covered = np.zeros(truth.shape[1], bool)
     for start in range(0, len(users), batch_size):
         batch = users[start:start + batch_size]
@@ -180,12 +182,18 @@ def _evaluate(score: Callable[[np.ndarray], np.ndarray], truth: sp.csr_matrix, s
         hits = np.take_along_axis(relevant, top, 1) & shown
         n_test = relevant.sum(1)
         for k in KS:
-            sums[f"recall@{k}"] += (hits[:, :k].sum(1) / n_test).sum()
-            dcg = hits[:, :k] @ discount[:k]
-            sums[f"ndcg@{k}"] += (dcg / ideal[np.minimum(n_test, min(k, k_max)) - 1]).sum()
+            figures[f"recall@{k}"].append(hits[:, :k].sum(1) / n_test)
+            figures[f"ndcg@{k}"].append((hits[:, :k] @ discount[:k]) / ideal[np.minimum(n_test, min(k, k_max)) - 1])
         covered[top[:, :max(KS)][shown[:, :max(KS)]]] = True
-    result = {key: float(value) / max(len(users), 1) for key, value in sums.items()}
-    result[f"coverage@{max(KS)}"] = float(covered.mean())
+    return {key: np.concatenate(v) if v else np.zeros(0) for key, v in figures.items()}, float(covered.mean())
+
+
+def _evaluate(scores: Scores, truth: sp.csr_matrix, seen: sp.csr_matrix | None, columns: np.ndarray | None,
+              batch_size: int) -> dict[str, float]:
+    """The means over users of ``user_figures``, and coverage@max(KS)."""
+    figures, coverage = user_figures(scores, truth, seen, columns, batch_size)
+    result = {key: float(v.sum()) / max(len(v), 1) for key, v in figures.items()}
+    result[f"coverage@{max(KS)}"] = coverage
     return result
 
 
@@ -194,13 +202,13 @@ def evaluate(scores: Scores, train: Interactions, test: Interactions, batch_size
 
     ``scores`` is a (n_users, n_items) matrix or a ``score(user_indices)`` callable, called per batch.
     """
-    return _evaluate(_as_scorer(scores), test.matrix(), train.matrix(), None, batch_size)
+    return _evaluate(scores, test.matrix(), train.matrix(), None, batch_size)
 
 
 def evaluate_cold(scores: Scores, test: Interactions, held_out: np.ndarray,
                   batch_size: int = 256) -> dict[str, float]:
     """Cold metrics (recall@20, ndcg@20): each user ranks only the held-out items."""
-    result = _evaluate(_as_scorer(scores), test.matrix(), None, held_out, batch_size)
+    result = _evaluate(scores, test.matrix(), None, held_out, batch_size)
     return {key: result[key] for key in ("recall@20", "ndcg@20")}
 
 
