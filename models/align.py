@@ -28,12 +28,12 @@ from keras import layers, ops
 from mmfuse.models import collaborative
 from mmfuse.models import evaluation as ev
 from mmfuse.models.base import settle
+from mmfuse.models.catalog import CF, Catalog  # noqa: F401 - part of this module's interface
 from mmfuse.models.fusion import CONFIG_FILE, fixed_logits, fuse  # noqa: F401 - part of this module's interface
 
 if TYPE_CHECKING:
     from mmfuse.models.pca import PcaAligner
 
-CF = "cf"  # name of the collaborative modality
 _ANCHORS = collaborative.ANCHORS  # the config's field "collaborative" hides the module inside the class body
 MODEL_FILE = "alignment.keras"
 FORMAT = 2  # artifacts of another format are refitted, never reused (format 1 held a learned cf table)
@@ -198,28 +198,6 @@ LEAD_SHARES = (0.65, 0.8)  # "auto" fusion: a leading content modality's share o
 COLD_SHARE = 0.2  # validated items the probe never sees: the fusion choice scores them as new items
 
 
-@dataclasses.dataclass
-class Catalog:
-    """Content vectors of ``item_ids`` per modality, NaN rows where an item lacks the modality."""
-
-    item_ids: np.ndarray
-    features: dict[str, np.ndarray]
-
-    def present(self) -> np.ndarray:
-        return np.stack([~np.isnan(self.features[m]).any(1) for m in self.features], 1)
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[Mapping], dims: Mapping[str, int]) -> Catalog:
-        """Records ``{"item_id", modality: vector or None}`` (any order) in item_id order, NaN rows where a
-        modality is absent; a ``cf`` field (a folded-in cf vector) becomes a feature where any row has one."""
-        rows = sorted(rows, key=lambda r: r["item_id"])
-        if any(r.get(CF) is not None for r in rows):
-            dims = {**dims, CF: next(len(r[CF]) for r in rows if r.get(CF) is not None)}
-        features = {m: np.array([r[m] if r.get(m) is not None else [np.nan] * d for r in rows], np.float32)
-                    for m, d in dims.items()}
-        return cls(np.array([r["item_id"] for r in rows], dtype=str), features)
-
-
 class Aligner:
     """A fitted alignment: the Keras model plus the cf vectors of the items it was fitted on."""
 
@@ -296,7 +274,10 @@ class _Batches(keras.utils.PyDataset):
 
     Each step's items are the targets (deduplicated: the contrastive batch) followed by the history items,
     all of them negatives of the interaction loss; each item's modalities are dropped at random
-    (keeping one) when training. Every step is a pure function of (seed, epoch, step): reproducible.
+    (keeping one) when training. One endless stream of ``steps`` steps per epoch: batch ``index`` is a pure
+    function of (seed, epoch, step), epochs counted from 1 as Keras's log counts them, so it is reproducible
+    and may be made ahead, and Keras keeps one iterator for the whole fit (a new iterator per epoch cost a
+    small fit a fifth of its time).
     """
 
     def __init__(self, aligner: Aligner, catalog: Catalog, examples: tuple[np.ndarray, np.ndarray],
@@ -305,26 +286,24 @@ class _Batches(keras.utils.PyDataset):
         self.aligner, self.config, self.train = aligner, config, train
         self.inputs = aligner.inputs(catalog.item_ids, catalog.features)
         self.histories, self.targets = examples
-        self.epoch = 0
         # A step's rows: its items, at least the contrastive ones, at most the catalogue (a small catalogue's
         # steps would otherwise be mostly padding).
         self.items = len(self.inputs["mask"])
         self.rows = min(config.users_per_batch, self.items)
-
-    def __len__(self):
         # Without any (history, next item) example (e.g. every user has one interaction) the steps walk the
         # catalog for the contrastive loss alone.
-        n = len(self.targets) or len(self.inputs["mask"])
-        return max(1, math.ceil(n / self.config.users_per_batch))
+        self.steps = max(1, math.ceil((len(self.targets) or self.items) / config.users_per_batch))
 
-    def on_epoch_end(self):
-        self.epoch += 1
+    @property
+    def num_batches(self) -> None:
+        return None  # endless: fit is given steps_per_epoch
 
-    def __getitem__(self, step: int) -> dict:
+    def __getitem__(self, index: int) -> dict:
         c = self.config
-        rng = np.random.default_rng([c.seed, self.epoch if self.train else 0, step, int(self.train)])
+        epoch, step = divmod(index + self.steps, self.steps) if self.train else (0, index % self.steps)
+        rng = np.random.default_rng([c.seed, epoch, step, int(self.train)])
         n = len(self.targets) or len(self.inputs["mask"])
-        order = np.random.default_rng([c.seed, self.epoch]).permutation(n) if self.train else np.arange(n)
+        order = np.random.default_rng([c.seed, epoch]).permutation(n) if self.train else np.arange(n)
         chosen = order[step * c.users_per_batch:(step + 1) * c.users_per_batch]
         if len(self.targets):
             targets, histories = self.targets[chosen], self.histories[chosen]
@@ -443,7 +422,9 @@ def fit(catalog: Catalog, train: tuple[np.ndarray, np.ndarray, np.ndarray],
     # Variables made now, not in the first step: TensorFlow traces a step that creates variables twice.
     model(data[0])
     model.optimizer.build(model.trainable_variables)
-    history = model.fit(data, validation_data=val, epochs=config.epochs, callbacks=callbacks, verbose=0, shuffle=False)
+    history = model.fit(data, steps_per_epoch=data.steps, validation_data=val,
+                        validation_steps=val.steps if val else None, epochs=config.epochs, callbacks=callbacks,
+                        verbose=0, shuffle=False)
     aligner.metrics = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     aligner.metrics["stopped_by_time"] = limit.stopped
     return aligner

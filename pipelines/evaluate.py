@@ -38,13 +38,14 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from mmfuse.models import evaluation as ev
+from mmfuse.models.catalog import Catalog
 from mmfuse.pipelines.cli import incomplete
 from mmfuse.runners import process
 from mmfuse.transforms.contract import CatalogColumns, InteractionColumns
 from mmfuse.transforms.parquet import read_dataset
 from mmfuse.transforms.summary import head_threshold
 
-if TYPE_CHECKING:  # Keras loads in the functions that fit, after the command line is parsed
+if TYPE_CHECKING:  # Keras loads in the functions that fit, in the fit workers
     from mmfuse.models import align
     from mmfuse.models.pca import PcaAligner
 
@@ -77,10 +78,9 @@ class Split:
 
 
 def load(catalog: str, interactions: str, embeddings: str, item_id: str = "item_id",
-         columns: InteractionColumns = CONTRACT) -> tuple[ev.Interactions, align.Catalog]:
+         columns: InteractionColumns = CONTRACT) -> tuple[ev.Interactions, Catalog]:
     """Interactions on the catalog's items (catalog order, so time ties break by it) and the vectors of every
     modality the embeddings hold. ``item_id`` and ``columns`` name the columns, as the nightly job's options do."""
-    from mmfuse.models import align
     items = [str(i) for i in pq.read_table(catalog, columns=[item_id])[item_id].to_pylist()]
     table = pq.read_table(interactions)
     named = {"user_id": columns.user_id, "item_id": columns.item_id, "timestamp": columns.timestamp,
@@ -99,14 +99,14 @@ def load(catalog: str, interactions: str, embeddings: str, item_id: str = "item_
         if present is not None:
             features[m] = inter.align(ids, np.array([r if r is not None else [np.nan] * len(present)
                                                      for r in rows], np.float32))
-    return inter, align.Catalog(inter.item_ids, features)
+    return inter, Catalog(inter.item_ids, features)
 
 
 def _arrays(x: ev.Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x.user, x.item, x.timestamp
 
 
-def fit_alignment(known: align.Catalog, catalog: align.Catalog, split: Split,
+def fit_alignment(known: Catalog, catalog: Catalog, split: Split,
                   config: align.AlignConfig) -> tuple[np.ndarray, dict]:
     """Fitted on the split's training side (``known`` hides the cold split's held-out items), then applied
     to the whole ``catalog``."""
@@ -120,7 +120,7 @@ def fit_alignment(known: align.Catalog, catalog: align.Catalog, split: Split,
                                                        "validation": fitted.metrics.get("chosen_on_validation")}})
 
 
-def applied(fitted: align.Aligner | PcaAligner, catalog: align.Catalog, split: Split,
+def applied(fitted: align.Aligner | PcaAligner, catalog: Catalog, split: Split,
             details: dict) -> tuple[np.ndarray, dict]:
     """The fused vectors of a fitted alignment over ``catalog``. On the cold split, also text-to-image
     retrieval among the held-out items, which the fit never saw: evidence that the modalities share a space."""
@@ -132,7 +132,7 @@ def applied(fitted: align.Aligner | PcaAligner, catalog: align.Catalog, split: S
     return out["fused"], details
 
 
-def content_vectors(method: str, known: align.Catalog, catalog: align.Catalog, split: Split,
+def content_vectors(method: str, known: Catalog, catalog: Catalog, split: Split,
                     seed: int, epochs: int = 40) -> tuple[np.ndarray, dict]:
     """Vectors of every catalog item for a content method fitted on what ``known`` shows."""
     f = catalog.features
@@ -158,12 +158,11 @@ CONFIGS = {  # the contrastive methods; DEFAULT is the nightly job's
 FITTED = ("pca", *CONFIGS)
 
 
-def run(inter: ev.Interactions, catalog: align.Catalog, methods: Sequence[str] | None = None, seed: int = 0,
+def run(inter: ev.Interactions, catalog: Catalog, methods: Sequence[str] | None = None, seed: int = 0,
         log: Callable[[str], None] = print, epochs: int = 40, processes: int = 2, verbose: bool = False) -> dict:
     """Every method (default: all that apply to the catalog's modalities) on both splits; contrastive fits
     train at most ``epochs``. Every fit of both splits starts at once, in ``processes`` worker processes
-    (each fit is seeded, so where it runs does not change it); the rest runs here, in order."""
-    from mmfuse.models import align
+    (each fit is seeded, so where it runs does not change it); the rest runs here, in order, without Keras."""
     methods = methods_for(tuple(catalog.features)) if methods is None else methods
     train, test = ev.warm_split(inter)
     fit, val = ev.validation_split(train)
@@ -171,7 +170,7 @@ def run(inter: ev.Interactions, catalog: align.Catalog, methods: Sequence[str] |
     cold_fit, cold_val = ev.validation_split(cold_train)
     hidden = np.zeros(inter.n_items, bool)
     hidden[held_out] = True
-    cold_catalog = align.Catalog(catalog.item_ids, {m: np.where(hidden[:, None], np.nan, v)
+    cold_catalog = Catalog(catalog.item_ids, {m: np.where(hidden[:, None], np.nan, v)
                                                     for m, v in catalog.features.items()})
     splits = {
         "warm": (Split(train, fit, val, lambda s: ev.evaluate(s, train, test)), catalog),
@@ -197,13 +196,13 @@ def run(inter: ev.Interactions, catalog: align.Catalog, methods: Sequence[str] |
 
 
 def _worker(verbose: bool, threads: int) -> None:
-    """A fit worker: quiet, and on its share of the cores (TensorFlow reads the thread count when it loads,
+    """A fit worker: quiet, and on its share of the cores (TensorFlow reads the thread counts when it loads,
     after this), so that the workers' thread pools do not crowd each other out."""
-    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+    os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
     process.quiet_console(verbose)
 
 
-def _score_split(name: str, split: Split, split_catalog: align.Catalog, vectors: _Fitted, methods: Sequence[str],
+def _score_split(name: str, split: Split, split_catalog: Catalog, vectors: _Fitted, methods: Sequence[str],
                  seed: int, results: dict, log: Callable[[str], None]) -> None:
     """Every method on one split, in order, into ``results``."""
     for method in methods:
@@ -243,7 +242,7 @@ class _Fitted(dict):
     the worker processes. On the cold split they are fitted without the held-out items and applied to their
     content to score them."""
 
-    def __init__(self, split: Split, known: align.Catalog, catalog: align.Catalog, seed: int,
+    def __init__(self, split: Split, known: Catalog, catalog: Catalog, seed: int,
                  fits: dict[str, Future]):
         super().__init__()
         self._args, self._fits, self._seconds = (known, catalog, split, seed), fits, {}

@@ -1,6 +1,8 @@
 """The evaluation protocol (docs/evaluation.md): metrics on hand-checked cases, the splits, the
 baselines, and the reference figures on MovieLens-small with posters."""
 import importlib.util
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -292,6 +294,20 @@ def test_method_comparison_on_every_modality_with_the_nightly_column_names(demo,
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "implicit" else real(name, *a))
     assert evaluate.main([*args, "--methods=popular,als"]) == 2
     assert "pip install 'mmfuse[evaluate]'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_comparison_reads_splits_and_scores_without_keras(demo, demo_night):
+    """Only the fit workers load Keras and TensorFlow; the comparison's own process reads, splits and scores
+    without them, so their seconds of start-up are not spent three times over on the fits' cores."""
+    code = ("import sys; from mmfuse.pipelines import evaluate; from mmfuse.models import evaluation as ev; "
+            f"inter, catalog = evaluate.load({str(demo['catalog'])!r}, {str(demo['interactions'])!r}, "
+            f"{str(demo_night)!r}); train, test = ev.warm_split(inter); "
+            "figures = ev.evaluate(ev.ContentKNN(catalog.features['text']).fit(train).score, train, test); "
+            "print(figures['recall@20'] > 0, sorted({'keras', 'tensorflow'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "True []"
 
 
 def _renamed(table: pa.Table, names: dict) -> pa.Table:
