@@ -300,7 +300,7 @@ class _Batches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int) -> dict:
         c = self.config
-        epoch, step = divmod(index + self.steps, self.steps) if self.train else (0, index % self.steps)
+        epoch, step = (index // self.steps + 1 if self.train else 0), index % self.steps
         rng = np.random.default_rng([c.seed, epoch, step, int(self.train)])
         n = len(self.targets) or len(self.inputs["mask"])
         order = np.random.default_rng([c.seed, epoch]).permutation(n) if self.train else np.arange(n)
