@@ -15,6 +15,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from mmfuse.models.base import Encoder, InputError
+from mmfuse.models.catalog import Catalog
 from mmfuse.runners import process
 from mmfuse.transforms import media
 from mmfuse.transforms.artifacts import fetched
@@ -73,7 +74,6 @@ class AlignHandler(ModelHandler[dict, dict, Any]):
 
     def run_inference(self, batch: Sequence[dict], model: Aligner | PcaAligner,
                       inference_args: dict[str, Any] | None = None) -> Iterable[dict]:
-        from mmfuse.models.align import Catalog
         catalog = Catalog.from_rows(batch, model.input_dims)
         out = model.apply(catalog.item_ids, catalog.features)
         names = model.modalities

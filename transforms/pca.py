@@ -18,7 +18,7 @@ from mmfuse.models import pca
 from mmfuse.transforms.artifacts import publish
 
 if TYPE_CHECKING:
-    from mmfuse.models.align import Catalog
+    from mmfuse.models.catalog import Catalog
 
 
 class FitPca(beam.PTransform):
@@ -56,7 +56,7 @@ def write_config(folder: str, dims: dict[str, int], config: dict) -> str:
 
 
 def fit_in_memory(catalog: Catalog, dim: int) -> pca.PcaAligner:
-    """The statistical alignment of an in-memory ``models.align.Catalog``, fitted by a pipeline on the local
+    """The statistical alignment of an in-memory ``models.catalog.Catalog``, fitted by a pipeline on the local
     runner (for evaluation and tests), loaded."""
     from mmfuse.models import align
     dims = {m: v.shape[1] for m, v in catalog.features.items()}
